@@ -1,0 +1,1 @@
+"""atm: training-free Adaptive Token Merging for timm Vision Transformers."""

@@ -1,0 +1,4 @@
+"""Models that ship with atm (registered with timm on import)."""
+from .demo import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME, DEMO_WEIGHTS
+
+__all__ = ["DEMO_MODEL_ALIAS", "DEMO_MODEL_NAME", "DEMO_WEIGHTS"]
