@@ -21,6 +21,8 @@ class ATMConfig:
     theta_min: float
     split_layer: int | None = None
     prop_attn: bool = True
+    # Per-block thresholds replacing Eq. (1), for analyses such as merging in one block only (Fig. 2).
+    block_thresholds: tuple[float, ...] | None = None
     # The contract's last-block shortcut for heads that read prefix tokens only; off merges there as usual.
     prefix_only_last_block: bool = True
     trace_source: bool = False
@@ -39,7 +41,11 @@ MergeConfig = Union[ATMConfig, ToMeConfig]
 
 
 def threshold_schedule(config: ATMConfig, depth: int) -> list[float]:
-    """The similarity threshold of each block, Eq. (1) of the paper."""
+    """The similarity threshold of each block, Eq. (1) of the paper (or the config's explicit list)."""
+    if config.block_thresholds is not None:
+        if len(config.block_thresholds) != depth:
+            raise ValueError(f"block_thresholds has {len(config.block_thresholds)} entries for a {depth}-block model")
+        return list(config.block_thresholds)
     return [max(config.alpha - (math.exp(config.beta * (l - 1)) - 1.0), config.theta_min) for l in range(1, depth + 1)]
 
 
