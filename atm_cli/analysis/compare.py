@@ -1,0 +1,140 @@
+"""Accuracy against GFLOPs for several methods over a range of budgets (paper Fig. 4), on the same batches.
+
+A budget is a share of the unmerged model's GFLOPs. ToMe and the Fig. 5 schedules take, at each
+budget, the least merging on their ladder (see `stress`) that fits it: GFLOPs fall monotonically
+along a top-r ladder, so bisection on GFLOPs (estimated on the first batch, where ToMe's count is
+already exact) finds that step, and a run on every batch confirms it; a data-dependent ladder (the
+constant threshold) steps on while the full run still exceeds the budget. ATM takes the
+calibration's best setting under the budget.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..evaluation import BatchRun, LoadedModel, run_batches
+from .plotting import pyplot, save_figure
+from .stress import METHODS, Batches, Ladder, check_methods, ladders
+
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+@dataclass
+class ComparePoint:
+    method: str
+    budget: float  # share of the unmerged GFLOPs
+    budget_gflops: float
+    top1: float | None  # None: no setting of this method fits the budget
+    gflops: float | None
+    params: dict | None
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,
+                "top1": self.top1, "gflops": self.gflops, "params": self.params}
+
+
+@dataclass
+class CompareReport:
+    baseline_top1: float
+    baseline_gflops: float
+    n_images: int
+    batch_size: int
+    methods: list[str]
+    budgets: list[float]
+    points: list[ComparePoint]
+
+    def point(self, method: str, budget: float) -> ComparePoint:
+        return next(p for p in self.points if p.method == method and p.budget == budget)
+
+    def to_dict(self) -> dict:
+        return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
+                "n_images": self.n_images, "batch_size": self.batch_size, "methods": self.methods,
+                "budgets": self.budgets, "points": [p.to_dict() for p in self.points]}
+
+
+def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
+                         budget_gflops: float) -> tuple[int, BatchRun] | None:
+    """The smallest ladder step whose GFLOPs on all batches are <= the budget, and its run (None: none fits)."""
+    estimates: dict[int, float] = {}
+
+    def estimate(step: int) -> float:
+        if step not in estimates:
+            estimates[step] = run_batches(loaded, batches, ladder.config(step), max_batches=1).gflops
+        return estimates[step]
+
+    if estimate(ladder.top) > budget_gflops:
+        return None
+    fits, too_much = ladder.top, 0
+    while fits - too_much > 1:
+        middle = (fits + too_much) // 2
+        if estimate(middle) <= budget_gflops:
+            fits = middle
+        else:
+            too_much = middle
+    for step in range(fits, ladder.top + 1):
+        run = run_batches(loaded, batches, ladder.config(step))
+        if run.gflops <= budget_gflops:
+            return step, run
+    return None
+
+
+def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
+            n_trials: int = 30, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> CompareReport:
+    """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs)."""
+    check_methods(methods)
+    known = ladders(loaded)
+    outside = [b for b in budgets if not 0 < b < 1]
+    if outside or not budgets:
+        raise UsageError(f"budgets are shares of the unmerged GFLOPs strictly between 0 and 1 (e.g. 0.7), got {budgets}")
+    if not batches:
+        raise UsageError("the comparison needs at least one image")
+    baseline = run_batches(loaded, batches)
+    points, done, total = [], 0, len(methods) * len(budgets)
+    for method in methods:
+        for budget in budgets:
+            budget_gflops = budget * baseline.gflops
+            if method == "atm":
+                points.append(atm_within(loaded, batches, baseline, budget, budget_gflops, n_trials, seed))
+            else:
+                found = least_merging_within(loaded, batches, known[method], budget_gflops)
+                if found is None:
+                    points.append(ComparePoint(method, budget, budget_gflops, None, None, None))
+                else:
+                    step, run = found
+                    points.append(ComparePoint(method, budget, budget_gflops, run.top1, run.gflops,
+                                               known[method].params(step)))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return CompareReport(baseline.top1, baseline.gflops, baseline.n_images, baseline.batch_sizes[0], list(methods),
+                         list(budgets), points)
+
+
+def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget: float, budget_gflops: float,
+               n_trials: int, seed: int) -> ComparePoint:
+    """ATM: the calibration's best top-1 with GFLOPs <= the budget."""
+    from ..calibration import search_target_gflops
+
+    found = search_target_gflops(loaded, batches, baseline, target_gflops=budget_gflops, n_trials=n_trials, seed=seed)
+    if found is None:
+        return ComparePoint("atm", budget, budget_gflops, None, None, None)
+    return ComparePoint("atm", budget, budget_gflops, found.top1, found.gflops, dict(found.params))
+
+
+def plot_compare(report: CompareReport, path: str | Path, title: str = "") -> Path:
+    """Fig. 4: top-1 against GFLOPs, one line per method, the unmerged model as a star."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method in report.methods:
+        reached = [p for p in report.points if p.method == method and p.gflops is not None]
+        axes.plot([p.gflops for p in reached], [p.top1 for p in reached], marker="o", label=method)
+    axes.plot([report.baseline_gflops], [report.baseline_top1], marker="*", markersize=14, color="black",
+              linestyle="none", label="unmerged")
+    axes.set_xlabel("GFLOPs per image")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(title or f"Accuracy against GFLOPs ({report.n_images} images, batch {report.batch_size})")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return save_figure(figure, path)

@@ -1,0 +1,241 @@
+"""The stress test (paper Table 1): each method's largest GFLOPs saving with no top-1 drop beyond a tolerance.
+
+Every method runs on the same preloaded batches. ATM is the calibration search in no-drop mode.
+ToMe and the schedules of the paper's Fig. 5 (constant threshold, increasing and decreasing top-r,
+all with alternate matching) are one-parameter ladders: step 0 merges nothing, each step up
+merges more. Accuracy is not monotone along a ladder, so no bisection can promise the overall
+largest passing step. What the search does promise, cheaply: the step it returns passes and the
+next one fails. It gallops up (steps 1, 3, 7, ...: a pass moves the floor up, the stride doubles)
+until a step fails, bisects between the last pass and that failure, then looks `lookahead` steps
+past the failure; a pass there resumes the climb from it. Every step tried is reported. A trial
+stops as soon as its misses make the tolerance unreachable, so failures cost a fraction of a pass.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+from torch import Tensor
+
+from ..engine import ATMConfig, MergeConfig, ToMeConfig
+from ..errors import UsageError
+from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+
+Batches = Sequence[tuple[Tensor, Tensor]]
+Progress = Callable[[int, int], None]
+
+THRESHOLD_STEP = 0.005  # the paper's sweep interval (Appendix D)
+LOOKAHEAD = 2
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """A one-parameter family of settings: step 0 merges nothing, step `top` merges the most it can."""
+
+    method: str
+    description: str
+    config: Callable[[int], MergeConfig]
+    params: Callable[[int], dict]
+    top: int
+
+
+def ramp(peak: int, depth: int) -> list[int]:
+    """r growing by one per block up to `peak` in the last block (never below 0)."""
+    return [max(0, peak - (depth - 1) + block) for block in range(depth)]
+
+
+def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
+    """The ladders for this model's depth and token count, by method name."""
+    depth = len(loaded.model.blocks)
+    image_tokens = loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens
+    half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
+
+    def threshold(step: int) -> float:
+        return round(1.0 - THRESHOLD_STEP * step, 6)
+
+    return {
+        "tome": Ladder("tome", "ToMe, constant top-r",
+                       lambda r: ToMeConfig(r=r), lambda r: {"r": r}, half),
+        "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
+                                  lambda r: ToMeConfig(r=ramp(r, depth)),
+                                  lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
+        "tome-decreasing": Ladder("tome-decreasing", "top-r falling by one per block (alternate matching)",
+                                  lambda r: ToMeConfig(r=ramp(r, depth)[::-1]),
+                                  lambda r: {"r": r, "schedule": ramp(r, depth)[::-1]}, half + depth - 1),
+        "threshold": Ladder("threshold", "constant threshold in every block (alternate matching)",
+                            lambda s: ATMConfig(alpha=threshold(s), beta=0.0, theta_min=threshold(s), split_layer=depth),
+                            lambda s: {"threshold": threshold(s)}, round(2.0 / THRESHOLD_STEP)),  # down to -1
+    }
+
+
+METHODS = ("atm", "tome", "threshold", "tome-increasing", "tome-decreasing")  # atm, then the ladders' names
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+
+
+@dataclass
+class Trial:
+    params: dict
+    passed: bool
+    top1: float  # over the images it ran (all of them when it passed)
+    gflops: float
+    n_images: int
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "passed": self.passed, "top1": self.top1, "gflops": self.gflops,
+                "n_images": self.n_images}
+
+
+@dataclass
+class MethodResult:
+    method: str
+    description: str
+    top1: float
+    gflops: float
+    params: dict
+    trials: list[Trial] = field(default_factory=list)
+    forward_passes: int = 0  # images run through the model for this method, stopped trials included
+
+    def to_dict(self, baseline_gflops: float) -> dict:
+        return {"method": self.method, "description": self.description, "top1": self.top1, "gflops": self.gflops,
+                "gflops_change": 100.0 * (self.gflops / baseline_gflops - 1.0), "params": self.params,
+                "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
+
+
+@dataclass
+class StressReport:
+    baseline_top1: float
+    baseline_gflops: float
+    tolerance: float
+    n_images: int
+    batch_size: int
+    methods: list[MethodResult]
+
+    def to_dict(self) -> dict:
+        return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
+                "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
+                "methods": [result.to_dict(self.baseline_gflops) for result in self.methods]}
+
+
+def required_correct(baseline: BatchRun, tolerance: float) -> int:
+    """The fewest correct images whose top-1 is >= the baseline's minus `tolerance` percentage points."""
+    return math.ceil(sum(baseline.correct1) - tolerance * baseline.n_images / 100.0 - 1e-9)
+
+
+def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MergeConfig, needed: int) -> tuple[BatchRun, bool]:
+    """Run batch by batch; stop once even all remaining images right could not reach `needed` correct."""
+    run = BatchRun()
+    remaining = sum(len(labels) for _, labels in batches)
+    for batch in batches:
+        part = run_batches(loaded, [batch], method)
+        for column in fields(BatchRun):
+            getattr(run, column.name).extend(getattr(part, column.name))
+        remaining -= part.n_images
+        if sum(run.correct1) + remaining < needed:
+            return run, False
+    return run, True
+
+
+def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int = LOOKAHEAD) -> int:
+    """A step in [0, top] that passes while the next fails (or `top` itself); step 0 is taken to pass.
+
+    Galloping, bisection, then a look `lookahead` steps past the boundary (see the module notes).
+    """
+    seen = {0: True}
+
+    def check(step: int) -> bool:
+        if step not in seen:
+            seen[step] = passes(step)
+        return seen[step]
+
+    floor = 0
+    while True:
+        stride, failed = 1, None
+        while floor < top:
+            step = min(floor + stride, top)
+            if not check(step):
+                failed = step
+                break
+            floor, stride = step, stride * 2
+        if failed is None:
+            return floor
+        while failed - floor > 1:
+            middle = (floor + failed) // 2
+            if check(middle):
+                floor = middle
+            else:
+                failed = middle
+        beyond = [step for step in range(floor + 2, min(floor + 2 + lookahead, top + 1)) if check(step)]
+        if not beyond:
+            return floor
+        floor = max(beyond)
+
+
+def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: BatchRun, needed: int,
+          lookahead: int = LOOKAHEAD) -> MethodResult:
+    """The ladder's largest passing step by `largest_passing_step`, with every trial recorded."""
+    result = MethodResult(ladder.method, ladder.description, baseline.top1, baseline.gflops, ladder.params(0))
+    runs: dict[int, BatchRun] = {0: baseline}
+
+    def passes(step: int) -> bool:
+        run, passed = run_until_hopeless(loaded, batches, ladder.config(step), needed)
+        runs[step] = run
+        result.forward_passes += run.n_images
+        result.trials.append(Trial(ladder.params(step), passed, run.top1, run.gflops, run.n_images))
+        return passed
+
+    best = largest_passing_step(passes, ladder.top, lookahead)
+    result.top1, result.gflops, result.params = runs[best].top1, runs[best].gflops, ladder.params(best)
+    return result
+
+
+def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
+           n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD,
+           progress: Progress | None = None) -> StressReport:
+    """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points)."""
+    if tolerance < 0:
+        raise UsageError(f"--tolerance must be >= 0 (percentage points of top-1), got {tolerance}")
+    check_methods(methods)
+    if not batches:
+        raise UsageError("the stress test needs at least one image")
+    known = ladders(loaded)
+    baseline = run_batches(loaded, batches)
+    needed = required_correct(baseline, tolerance)
+    results = []
+    for done, name in enumerate(methods, start=1):
+        if name == "atm":
+            results.append(atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed))
+        else:
+            results.append(climb(loaded, batches, known[name], baseline, needed, lookahead))
+        if progress is not None:
+            progress(done, len(methods))
+    return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results)
+
+
+def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, tolerance: float, n_trials: int,
+                seed: int) -> MethodResult:
+    """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min); no merging if no trial passed.
+
+    The paper's ranges, with beta from 0: ATM's family then holds the constant thresholds it is compared with.
+    """
+    import optuna
+
+    from ..calibration import SearchSpace
+    from ..calibration.calibrate import search_no_drop
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the layers below the CLI do not print
+    space = SearchSpace(beta=(0.0, SearchSpace().beta[1]))
+    found = search_no_drop(loaded, batches, baseline, tolerance=tolerance, n_trials=n_trials, seed=seed, space=space)
+    trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)
+              for t in found.trials if t.top1 is not None]
+    result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", baseline.top1, baseline.gflops, {},
+                          trials, found.forward_passes)
+    if found.best is not None:
+        _, result.params = describe_method(ATMConfig(**found.best.params), len(loaded.model.blocks))
+        result.top1, result.gflops = found.best.top1, found.best.gflops
+    return result

@@ -1,0 +1,253 @@
+"""Pictures of what merging did: merged regions (paper Figs. 1, 7) and tokens per block (Fig. 6).
+
+Region pictures: each image is run alone (batch-adaptive r is then the image's own count, as in the
+paper's figures) with the engine's source tracking on; every token left after the last block is
+drawn as one region, the patches it holds painted in their mean colour, borders between regions.
+Each region gets its own colour (two regions whose means coincide are told apart by a shift of a
+few levels), so the picture can be read back. ATM's last block merges at its threshold here, as in
+the paper's figures: the engine's prefix-only shortcut would leave the class token alone and does
+not change the logits either way.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from timm.data import create_transform
+from torch import Tensor, nn
+
+from ..engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, threshold_schedule, unpatch
+from ..errors import UsageError
+from ..evaluation import EvalReport, LoadedModel, run_batches
+from .compare import least_merging_within
+from .plotting import pyplot, save_figure
+from .stress import ladders
+
+PANEL_PIXELS = 192  # about this many pixels a side for each picture
+CAPTION_PIXELS = 20
+MARGIN_PIXELS = 8
+BORDER_COLOUR = (20, 20, 20)
+BAR_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+@dataclass
+class Panel:
+    image: str
+    method: str  # "original" or the method's label
+    box: tuple[int, int, int, int]  # left, top, right, bottom of the picture (caption excluded)
+    grid: tuple[int, int]  # patches per column and per row
+    tokens: int | None = None  # tokens left after the last block, prefix tokens included (None: original)
+    regions: int | None = None  # image tokens left: the regions drawn
+    labels: list[list[int]] = field(default_factory=list)  # region of each patch, row-major
+
+    def to_dict(self) -> dict:
+        return {"image": self.image, "method": self.method, "box": list(self.box), "grid": list(self.grid),
+                "tokens": self.tokens, "regions": self.regions}
+
+
+@dataclass
+class Visualization:
+    path: Path
+    panels: list[Panel]
+    methods: dict[str, MergeConfig]  # each row's label -> the config drawn
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "panels": [panel.to_dict() for panel in self.panels]}
+
+
+def load_pictures(paths: Sequence[str | Path], data_config: Mapping) -> list[Tensor]:
+    """Each image as the model sees it: timm's evaluation transform for this model."""
+    transform = create_transform(**data_config, is_training=False)
+    tensors = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read image {path}: {error}") from error
+    return tensors
+
+
+def to_display(tensor: Tensor, data_config: Mapping) -> Image.Image:
+    """Undo the transform's normalisation: the crop the model saw, as 8-bit RGB."""
+    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    pixels = ((tensor.cpu() * std + mean).clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+
+
+def tracing(config: MergeConfig) -> MergeConfig:
+    """The config with source tracking on and, for ATM, the last block merging as any other."""
+    if isinstance(config, ATMConfig):
+        return replace(config, trace_source=True, prefix_only_last_block=False)
+    return replace(config, trace_source=True)
+
+
+@torch.inference_mode()
+def region_labels(model: nn.Module, image: Tensor, config: MergeConfig) -> tuple[np.ndarray, int]:
+    """Which final token holds each patch, as a (rows, columns) grid, and the tokens left (prefix included)."""
+    device = next(model.parameters()).device
+    patch(model, tracing(config))
+    try:
+        model(image[None].to(device))
+        source = last_trace(model).source[0]  # (N_final, N_0): final tokens x input tokens
+    finally:
+        unpatch(model)
+    prefix = model.num_prefix_tokens
+    holders = source[prefix:, prefix:].argmax(dim=0)  # every input patch sits in exactly one final token
+    rows, columns = model.patch_embed.grid_size
+    return holders.view(rows, columns).cpu().numpy(), source.shape[0]
+
+
+def distinct_colours(colours: np.ndarray) -> np.ndarray:
+    """Round mean colours to 8 bits, shifting a repeat by a few levels until every region's colour is its own."""
+    taken: set[tuple[int, int, int]] = set()
+    result = np.empty_like(colours, dtype=np.uint8)
+    shifts = [(d * sx, d * sy, d * sz) for d in range(1, 64) for sx, sy, sz in ((1, 0, 0), (0, 1, 0), (0, 0, 1),
+                                                                             (-1, 0, 0), (0, -1, 0), (0, 0, -1))]
+    for index, colour in enumerate(np.rint(colours).astype(int)):
+        candidate = tuple(int(c) for c in colour)
+        for shift in shifts:
+            if candidate not in taken:
+                break
+            candidate = tuple(int(np.clip(c + s, 0, 255)) for c, s in zip(colour, shift))
+        taken.add(candidate)
+        result[index] = candidate
+    return result
+
+
+def paint_regions(picture: Image.Image, labels: np.ndarray) -> Image.Image:
+    """Each region in the mean colour of its pixels, a line where neighbouring patches belong to different ones."""
+    rows, columns = labels.shape
+    cell_h, cell_w = picture.height // rows, picture.width // columns
+    pixel_labels = np.kron(labels, np.ones((cell_h, cell_w), dtype=labels.dtype))
+    pixels = np.asarray(picture, dtype=np.float64)
+    regions, inverse = np.unique(pixel_labels, return_inverse=True)
+    inverse = inverse.reshape(pixel_labels.shape)
+    sums = np.zeros((len(regions), 3))
+    np.add.at(sums, inverse, pixels)
+    means = sums / np.bincount(inverse.ravel())[:, None]
+    painted = Image.fromarray(distinct_colours(means)[inverse], "RGB")
+    draw = ImageDraw.Draw(painted)
+    for r in range(rows):
+        for c in range(columns):
+            if c + 1 < columns and labels[r, c] != labels[r, c + 1]:
+                x = (c + 1) * cell_w
+                draw.line([(x, r * cell_h), (x, (r + 1) * cell_h - 1)], fill=BORDER_COLOUR)
+            if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
+                y = (r + 1) * cell_h
+                draw.line([(c * cell_w, y), ((c + 1) * cell_w - 1, y)], fill=BORDER_COLOUR)
+    return painted
+
+
+def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: MergeConfig) -> ToMeConfig:
+    """ToMe with the least r whose GFLOPs do not exceed `config`'s mean over the pictures, each run alone."""
+    labels = torch.zeros(1, dtype=torch.long)
+    target = sum(run_batches(loaded, [(picture[None], labels)], config).gflops for picture in pictures) / len(pictures)
+    batch = [(pictures[0][None], labels)]  # ToMe's GFLOPs do not depend on the image
+    ladder = ladders(loaded)["tome"]
+    found = least_merging_within(loaded, batch, ladder, target)
+    return ladder.config(found[0] if found is not None else ladder.top)
+
+
+def method_label(config: MergeConfig) -> str:
+    if isinstance(config, ToMeConfig):
+        return f"ToMe r={config.r}"
+    return "ATM"
+
+
+def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MergeConfig, out: str | Path,
+              beside_tome: bool = False, panel_pixels: int = PANEL_PIXELS) -> Visualization:
+    """One column per image: the image, then its merged regions under `method`.
+
+    `beside_tome` adds a row of ToMe above, at the same mean GFLOPs on these images (the paper's Fig. 7).
+    """
+    if not paths:
+        raise UsageError("visualize needs at least one image")
+    model, data_config = loaded.model, loaded.data_config
+    pictures = load_pictures(paths, data_config)
+    methods = [matching_tome(loaded, pictures, method), method] if beside_tome else [method]
+    rows, columns = model.patch_embed.grid_size
+    cell = max(1, round(panel_pixels / max(rows, columns)))
+    width, height = cell * columns, cell * rows
+    pitch_x, pitch_y = width + MARGIN_PIXELS, height + CAPTION_PIXELS + MARGIN_PIXELS
+    canvas = Image.new("RGB", (MARGIN_PIXELS + pitch_x * len(paths), MARGIN_PIXELS + pitch_y * (1 + len(methods))),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    panels = []
+    for column, (path, tensor) in enumerate(zip(paths, pictures)):
+        picture = to_display(tensor, data_config).resize((width, height), Image.Resampling.BICUBIC)
+        left = MARGIN_PIXELS + column * pitch_x
+        captions = [("original", picture, None, Path(path).name)]
+        for config in methods:
+            label = method_label(config)
+            labels, tokens = region_labels(model, tensor, config)
+            captions.append((label, paint_regions(picture, labels), (labels, tokens), f"{label}: {tokens} tokens"))
+        for row, (method, shown, merged, caption) in enumerate(captions):
+            top = MARGIN_PIXELS + row * pitch_y
+            canvas.paste(shown, (left, top))
+            draw.text((left, top + height + 3), caption, fill="black", font=font)
+            panel = Panel(str(path), method, (left, top, left + width, top + height), (rows, columns))
+            if merged is not None:
+                labels, tokens = merged
+                panel.tokens, panel.regions = tokens, len(np.unique(labels))
+                panel.labels = labels.tolist()
+            panels.append(panel)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return Visualization(out, panels, {method_label(config): config for config in methods})
+
+
+def tokens_chart(tokens_per_layer: Sequence[float], thresholds: Sequence[float] | None = None,
+                 full: float | None = None, width: int = 32) -> str:
+    """Mean tokens entering each block as a terminal bar chart, one line a block, thresholds beside when given.
+
+    A bar `width` characters long stands for `full` tokens (default: the most any block has).
+    """
+    most = full or max(tokens_per_layer) or 1.0
+    lines = []
+    for block, tokens in enumerate(tokens_per_layer):
+        eighths = round(tokens / most * width * 8)
+        bar = "█" * (eighths // 8) + (BAR_EIGHTHS[eighths % 8] if eighths % 8 else "")
+        threshold = f"  θ {thresholds[block]:.3f}" if thresholds is not None else ""
+        lines.append(f"block {block + 1:>2} {bar:<{width}} {tokens:6.1f}{threshold}")
+    return "\n".join(lines)
+
+
+def plot_tokens_per_block(tokens_per_layer: Sequence[float], path: str | Path, thresholds: Sequence[float] | None = None,
+                          title: str = "") -> Path:
+    """Fig. 6: tokens merged in each block (bars) under the block's similarity threshold (line).
+
+    `tokens_per_layer` holds the mean tokens entering each block (as `atm eval` reports them), so
+    the bars are the merges of blocks 1 to L-1; the last block's step (ATM: keep the class token
+    only) does not show.
+    """
+    plt = pyplot()
+    depth = len(tokens_per_layer)
+    merged = [a - b for a, b in zip(tokens_per_layer, tokens_per_layer[1:])]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    handles = [axes.bar(range(1, depth), merged, color="#5aa469", label="tokens merged")]
+    axes.set_xlabel("block")
+    axes.set_ylabel("tokens merged per image")
+    axes.set_xticks(range(1, depth + 1))
+    if thresholds is not None:
+        twin = axes.twinx()
+        handles += twin.plot(range(1, depth + 1), thresholds, color="#f08a24", marker="o", label="threshold")
+        twin.set_ylabel("similarity threshold")
+    axes.legend(handles=handles, loc="upper right")
+    axes.set_title(title or "Tokens merged per block")
+    return save_figure(figure, path)
+
+
+def plot_eval_tokens(report: EvalReport, method: MergeConfig | None, path: str | Path) -> Path:
+    """Fig. 6 for an `atm eval` run: its mean tokens per block, with ATM's thresholds when the method is ATM."""
+    depth = len(report.merged.tokens_per_layer)
+    thresholds = threshold_schedule(method, depth) if isinstance(method, ATMConfig) else None
+    return plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
+                                 title=f"{report.model}: tokens merged per block ({report.merged.n_images} images)")

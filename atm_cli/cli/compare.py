@@ -1,0 +1,62 @@
+"""`atm compare`: top-1 against GFLOPs for several methods over a range of budgets (the paper's Fig. 4)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atm_cli.analysis.compare import BUDGETS, CompareReport, compare, plot_compare
+from atm_cli.evaluation import DEMO_EVAL_DATA
+
+from . import model_data as options
+
+
+def command(
+    model: str = options.MODEL,
+    checkpoint: Optional[Path] = options.CHECKPOINT,
+    pretrained: bool = options.PRETRAINED,
+    data: Optional[Path] = options.EVAL_DATA,
+    methods: str = options.METHODS,
+    budgets: str = typer.Option(",".join(f"{100 * b:g}" for b in BUDGETS), "--budgets", metavar="LIST",
+                                help="GFLOPs budgets in percent of the unmerged model's, comma-separated."),
+    n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: calibration trials per budget."),
+    plot: Optional[Path] = options.plot_option("top-1 against GFLOPs"),
+    batch_size: int = options.BATCH_SIZE,
+    limit: Optional[int] = options.LIMIT,
+    seed: int = options.SEED,
+    device: str = options.DEVICE,
+    json_output: bool = options.JSON,
+) -> None:
+    """Top-1 of each method at each GFLOPs budget, all on the same batches.
+
+    ToMe and the Fig. 5 schedules take the least merging that fits the budget.
+    ATM takes the calibration search's best top-1 within it.
+    """
+    names = options.methods_list(methods)
+    shares = [value / 100.0 for value in options.floats_list(budgets, "--budgets")]
+    options.check_plot(plot)
+    console = Console(stderr=True)
+    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+                               seed, device)
+    with options.progress_bar(console, "comparing (method x budget)") as progress:
+        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress)
+    options.finish(console, compare_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
+                   lambda path: plot_compare(report, path))
+
+
+def compare_table(report: CompareReport, model: str) -> Table:
+    table = Table(title=f"{model}, {report.n_images} images: top-1 % (GFLOPs) at each budget; unmerged "
+                        f"{report.baseline_top1:.2f} % at {report.baseline_gflops:.4g} GFLOPs", title_justify="left")
+    table.add_column("method")
+    for budget in report.budgets:
+        table.add_column(f"<= {100 * budget:g}%", justify="right")
+    for method in report.methods:
+        cells = []
+        for budget in report.budgets:
+            point = report.point(method, budget)
+            cells.append("out of reach" if point.top1 is None else f"{point.top1:.2f} ({point.gflops:.3g})")
+        table.add_row(method, *cells)
+    return table

@@ -1,0 +1,109 @@
+"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from atm_cli.analysis.plotting import pyplot
+from atm_cli.analysis.stress import METHODS as ANALYSIS_METHODS
+from atm_cli.analysis.stress import check_methods
+from atm_cli.errors import UsageError
+from atm_cli.evaluation import LoadedModel, load_image_folder, load_model, preload
+from atm_cli.models import DEMO_MODEL_ALIAS
+
+MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME",
+                     help="A timm model name. Default: the embedded CIFAR-10 ViT.")
+CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model, loaded by timm.")
+PRETRAINED = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights.")
+BATCH_SIZE = typer.Option(128, "--batch-size", min=1, help="Images per batch (ATM's r depends on it).")
+LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset of this many images.")
+SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
+DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+
+
+def data_option(default_name: str) -> typer.models.OptionInfo:
+    return typer.Option(None, "--data", metavar="DIR",
+                        help=f"An ImageFolder (DIR/<class>/<image>). Default: the bundled {default_name}.")
+
+
+EVAL_DATA = data_option("2,000 CIFAR-10 test images")
+METHODS = typer.Option(",".join(ANALYSIS_METHODS), "--methods", metavar="LIST",
+                       help=f"Comma-separated, from: {', '.join(ANALYSIS_METHODS)}.")
+
+
+def plot_option(what: str) -> typer.models.OptionInfo:
+    return typer.Option(None, "--plot", metavar="FILE.png", help=f"Also draw {what} (needs atm-cli[plot]).")
+
+
+def check_plot(plot: Optional[Path]) -> None:
+    """Fail on a missing matplotlib before the long run rather than after it."""
+    if plot is not None:
+        pyplot()
+
+
+def finish(console: Console, table: Table, result: dict, json_output: bool, plot: Optional[Path] = None,
+           draw: Optional[Callable[[Path], Path]] = None) -> None:
+    """The table on stderr, the plot when asked, the JSON object on stdout when asked."""
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot: {draw(plot)}", highlight=False)
+    if json_output:
+        typer.echo(json.dumps(result))
+
+
+def methods_list(text: str) -> list[str]:
+    """--methods as names, checked before any model is loaded."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    check_methods(methods)
+    return methods
+
+
+def floats_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    batches: list
+    n_images: int
+    data: Path
+
+
+def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
+            default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str) -> Prepared:
+    """Load the model and every batch into memory once: each method then runs on the same batches."""
+    if checkpoint is not None and not pretrained:
+        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
+    with console.status(f"loading {model} and images"):
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+        root = data if data is not None else default_data
+        images = load_image_folder(root, loaded, limit=limit, seed=seed)
+        batches = preload(images, batch_size)
+    if images.skipped:
+        console.print(f"skipped {images.skipped} unreadable image(s)", highlight=False)
+    n_images = sum(len(labels) for _, labels in batches)
+    console.print(f"{loaded.name}: {n_images} images from {root}, batch {batch_size}, {loaded.device}", highlight=False)
+    return Prepared(loaded, batches, n_images, root)
+
+
+@contextmanager
+def progress_bar(console: Console, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A Rich bar on stderr; yields the (done, total) callback the library layers take."""
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

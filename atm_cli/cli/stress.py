@@ -1,0 +1,58 @@
+"""`atm stress`: each method's largest GFLOPs saving with no top-1 drop (the paper's Table 1)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atm_cli.analysis.stress import StressReport, stress
+from atm_cli.evaluation import DEMO_EVAL_DATA
+
+from . import model_data as options
+
+
+def command(
+    model: str = options.MODEL,
+    checkpoint: Optional[Path] = options.CHECKPOINT,
+    pretrained: bool = options.PRETRAINED,
+    data: Optional[Path] = options.EVAL_DATA,
+    methods: str = options.METHODS,
+    tolerance: float = typer.Option(0.0, "--tolerance", min=0.0,
+                                    help="Allowed top-1 drop in percentage points (0: no drop at all)."),
+    n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: trials of the calibration search."),
+    batch_size: int = options.BATCH_SIZE,
+    limit: Optional[int] = options.LIMIT,
+    seed: int = options.SEED,
+    device: str = options.DEVICE,
+    json_output: bool = options.JSON,
+) -> None:
+    """The largest GFLOPs saving each method reaches with top-1 >= the unmerged model's minus the tolerance.
+
+    ATM: the calibration search in no-drop mode (paper's ranges, beta from 0).
+    ToMe and the paper's Fig. 5 schedules (constant threshold, increasing and decreasing top-r):
+    the step r of their ladder, found by a galloping search, such that r passes and r + 1 fails.
+    Every method sees the same batches. The settings are chosen on these images: re-check them on others.
+    """
+    names = options.methods_list(methods)
+    console = Console(stderr=True)
+    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+                               seed, device)
+    with options.progress_bar(console, "stress test (methods)") as progress:
+        report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress)
+    options.finish(console, stress_table(report, prepared.loaded.name), report.to_dict(), json_output)
+
+
+def stress_table(report: StressReport, model: str) -> Table:
+    table = Table(title=f"Stress test: {model}, {report.n_images} images, top-1 drop <= {report.tolerance:g} "
+                        "points (settings chosen on these images)", title_justify="left")
+    for column, justify in (("method", "left"), ("top-1 %", "right"), ("GFLOPs", "right"), ("setting", "left")):
+        table.add_column(column, justify=justify)
+    table.add_row("unmerged", f"{report.baseline_top1:.2f}", f"{report.baseline_gflops:.4g}", "")
+    for result in report.methods:
+        change = 100.0 * (result.gflops / report.baseline_gflops - 1.0)
+        setting = ", ".join(f"{k}={v}" for k, v in result.params.items() if k not in ("schedule", "prop_attn"))
+        table.add_row(result.method, f"{result.top1:.2f}", f"{result.gflops:.4g} ({change:+.0f}%)", setting)
+    return table

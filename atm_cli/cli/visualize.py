@@ -1,0 +1,70 @@
+"""`atm visualize`: each image beside its merged version, one region per token left (the paper's Figs. 1, 7)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atm_cli.analysis.visualize import Visualization, visualize
+from atm_cli.errors import UsageError
+from atm_cli.evaluation import load_model
+
+from . import model_data as options
+from .method_options import MethodFlags, MethodName
+
+
+def command(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files to draw.", show_default=False),
+    out: Path = typer.Option(..., "--out", metavar="FILE.png", help="Where to write the picture."),
+    model: str = options.MODEL,
+    checkpoint: Optional[Path] = options.CHECKPOINT,
+    pretrained: bool = options.PRETRAINED,
+    method: Optional[MethodName] = typer.Option(None, "--method", case_sensitive=False,
+                                                help="Merging method. Default: atm with the model's default preset."),
+    preset: Optional[str] = typer.Option(None, "--preset", metavar="FILE|NAME", help="A preset file or bundled name."),
+    force: bool = typer.Option(False, "--force", help="Apply a preset made for another model or checkpoint."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="ATM: threshold of the first block."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="ATM: how fast thresholds fall with depth."),
+    theta_min: Optional[float] = typer.Option(None, "--theta-min", help="ATM: the lowest threshold."),
+    split_layer: Optional[int] = typer.Option(None, "--split-layer", help="ATM: last block with alternate matching."),
+    r: Optional[str] = typer.Option(None, "--r", metavar="R", help="ToMe: tokens merged per block."),
+    with_tome: bool = typer.Option(False, "--with-tome",
+                                   help="Add a row of ToMe at the same mean GFLOPs on these images (Fig. 7)."),
+    device: str = options.DEVICE,
+    json_output: bool = options.JSON,
+) -> None:
+    """Draw each image and, under it, the tokens left after the last block: every token's patches as one region.
+
+    Each image runs alone, so ATM's count is that image's own (in a batch, r is the batch mean).
+    ATM's last block merges at its threshold here, as in the paper's figures (the logits are the same).
+    The number under each picture is the tokens left, class token included.
+    """
+    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must be a .png file, got {out}")
+    if checkpoint is not None and not pretrained:
+        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
+    console = Console(stderr=True)
+    with console.status(f"loading {model}"):
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+    choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
+    if choice.config is None:
+        raise UsageError("--method none merges nothing: there is nothing to draw")
+    with console.status("merging and drawing"):
+        result = visualize(loaded, [str(path) for path in images], choice.config, out, beside_tome=with_tome)
+    options.finish(console, visualization_table(result, choice.source), result.to_dict(), json_output)
+
+
+def visualization_table(result: Visualization, source: str) -> Table:
+    table = Table(title=f"{result.path}: tokens left after the last block ({source})", title_justify="left")
+    table.add_column("image")
+    methods = list(dict.fromkeys(panel.method for panel in result.panels if panel.tokens is not None))
+    for method in methods:
+        table.add_column(method, justify="right")
+    for image in dict.fromkeys(panel.image for panel in result.panels):
+        counts = {p.method: p.tokens for p in result.panels if p.image == image and p.tokens is not None}
+        table.add_row(image, *(str(counts[m]) for m in methods))
+    return table

@@ -1,0 +1,119 @@
+"""`atm stress`: the search's promise (the step found passes, the next fails) against independent runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.utils import accuracy
+from typer.testing import CliRunner
+
+from atm_cli.analysis.stress import largest_passing_step, required_correct, stress
+from atm_cli.cli.app import app
+from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
+from atm_cli.evaluation import DEMO_EVAL_DATA, BatchRun, load_image_folder, load_model, preload
+from atm_cli.models import DEMO_WEIGHTS
+
+LIMIT, BATCH = 32, 16
+
+
+@pytest.fixture(scope="module")
+def demo():
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip(f"the embedded model's weights are not bundled yet ({DEMO_WEIGHTS})")
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def batches(demo):
+    return preload(load_image_folder(DEMO_EVAL_DATA, demo, limit=LIMIT), BATCH)
+
+
+@torch.inference_mode()
+def direct_top1_and_gflops(model, batches, config=None) -> tuple[float, float]:
+    """Top-1 by timm's accuracy and the trace's GFLOPs, straight from the model: no evaluation layer involved."""
+    correct = gflops = n = 0.0
+    for images, labels in batches:
+        if config is not None:
+            patch(model, config)
+        try:
+            top1, = accuracy(model(images), labels, topk=(1,))
+            gflops += (last_trace(model).gflops if config is not None else 0.0) * len(labels)
+        finally:
+            unpatch(model)
+        correct += top1.item() * len(labels) / 100
+        n += len(labels)
+    return 100 * correct / n, gflops / n
+
+
+def test_largest_passing_step_on_a_non_monotone_ladder():
+    """Passes 0-5, fails 6, passes 7-8, fails from 9: the look past the first failure finds 8."""
+    tried = []
+
+    def passes(step):
+        tried.append(step)
+        return step <= 5 or step in (7, 8)
+
+    assert largest_passing_step(passes, top=40, lookahead=2) == 8
+    assert len(tried) == len(set(tried))  # nothing run twice
+    assert 9 in tried  # the promise: the next step was run and failed
+
+
+def test_largest_passing_step_is_cheaper_than_a_scan():
+    tried = []
+
+    def passes(step):
+        tried.append(step)
+        return step <= 300
+
+    assert largest_passing_step(passes, top=1000, lookahead=2) == 300
+    assert len(tried) <= 2 * 10 + 2  # gallop + bisection: about 2 log2(1000), plus the look ahead
+    assert largest_passing_step(lambda step: True, top=17) == 17
+
+
+def test_required_correct_is_the_tolerance_in_images():
+    run = BatchRun(batch_sizes=[50, 50], correct1=[40, 40])  # 80 % of 100 images
+    assert required_correct(run, 0.0) == 80
+    assert required_correct(run, 1.0) == 79  # one point of 100 images is one image
+    assert required_correct(run, 1.5) == 79  # 78.5 correct is not enough
+
+
+def test_stress_ladders_meet_the_tolerance_and_tome_r_plus_one_fails(demo, batches):
+    tolerance = 0.0
+    report = stress(demo, batches, methods=["tome", "threshold", "tome-increasing", "tome-decreasing"],
+                    tolerance=tolerance)
+    baseline_top1, _ = direct_top1_and_gflops(demo.model, batches)
+    assert report.baseline_top1 == pytest.approx(baseline_top1)
+    assert report.baseline_gflops == pytest.approx(demo.unmerged_gflops)
+    assert [m.method for m in report.methods] == ["tome", "threshold", "tome-increasing", "tome-decreasing"]
+    for result in report.methods:
+        assert result.gflops <= report.baseline_gflops
+        assert result.top1 >= baseline_top1 - tolerance
+
+    tome = report.methods[0]
+    r = tome.params["r"]
+    top1, gflops = direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r))
+    assert (tome.top1, tome.gflops) == (pytest.approx(top1), pytest.approx(gflops))
+    most = (demo.unmerged_tokens[0] - demo.model.num_prefix_tokens) // 2  # ToMe's r stops mattering here
+    if r < most:
+        next_top1, _ = direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r + 1))
+        assert next_top1 < baseline_top1 - tolerance
+
+
+def test_stress_cli_json(demo):
+    result = CliRunner().invoke(app, ["stress", "--methods", "atm,tome", "--limit", str(LIMIT), "--batch-size",
+                                      str(BATCH), "--n-trials", "3", "--tolerance", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) >= {"baseline_top1", "baseline_gflops", "methods"}
+    assert [m["method"] for m in report["methods"]] == ["atm", "tome"]
+    for method in report["methods"]:
+        assert set(method) >= {"method", "top1", "gflops", "params"}
+        assert method["gflops"] <= report["baseline_gflops"]
+        assert method["top1"] >= report["baseline_top1"] - 5
+
+
+def test_stress_cli_rejects_unknown_method_in_one_line():
+    result = CliRunner().invoke(app, ["stress", "--methods", "tome,evit", "--no-pretrained", "--limit", "4"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "evit" in result.stderr
