@@ -1,0 +1,414 @@
+"""The Optuna search over ATM's thresholds, run batch by batch so that hopeless trials stop early.
+
+Every trial runs the same batches in the same order and reports its running value to Optuna
+after each batch. It is pruned as soon as it cannot win, or is unlikely to:
+
+- its GFLOPs over the batches seen exceed the budget (checked from the first `probe_batches`
+  batches on: GFLOPs settle after a batch or two, so no accuracy is computed on the rest);
+- (budget) even all remaining images right could not reach the best trial's top-1; or Optuna's
+  successive-halving pruner finds its running top-1 in the lower part of the trials that saw the
+  same images (all trials see the same batches in the same order, so running top-1s compare);
+- (no-drop) it already uses more GFLOPs than the best trial; or its wrong images already exceed
+  what the tolerance allows even if every remaining image were right; or it trails the unmerged
+  model on the images seen by more than a sign test allows (Z_PRUNE standard deviations of the
+  images on which the two differ).
+
+Pruning only decides which trials run to the end; every reported figure comes from a trial run
+on every batch. The budget and the accuracy floor are Optuna constraints (`set_constraint`),
+which the TPE sampler uses to model feasibility, not penalties folded into the objective.
+"""
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from atm_cli.engine import ATMConfig
+from atm_cli.errors import RunError, UsageError
+from atm_cli.evaluation import BatchRun
+
+from .space import DIGITS, SearchSpace
+
+# A trial trailing its reference by more than Z_PRUNE * sqrt(images where they differ) is stopped.
+Z_PRUNE = 2.0
+# Budget checks on part of the data allow this relative slack (a batch's GFLOPs vary a little).
+GFLOPS_SLACK = 0.01
+CONSTRAINT = "goal"  # the name of the one constraint each trial records
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SETUP_ATTR = "atm_setup"
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One batch through one setting: which images it got right, and its GFLOPs per image."""
+
+    correct: np.ndarray  # bool per image: top-1 correct
+    correct5: int
+    gflops: float
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+
+class BatchSource(Protocol):
+    """Runs a setting on batch `index` of a fixed list of batches (the model, or a test's stand-in)."""
+
+    depth: int  # blocks of the model
+    n_batches: int
+
+    def run(self, config: ATMConfig, index: int) -> BatchOutcome: ...
+
+
+@dataclass
+class Tally:
+    """Per-batch results accumulated in batch order; totals computed as `atm eval` computes them."""
+
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+
+    def add(self, outcome: BatchOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    @property
+    def n_images(self) -> int:
+        return sum(o.n for o in self.outcomes)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return np.concatenate([o.correct for o in self.outcomes]) if self.outcomes else np.zeros(0, bool)
+
+    @property
+    def n_correct(self) -> int:
+        return int(sum(o.correct.sum() for o in self.outcomes))
+
+    def as_batch_run(self) -> BatchRun:
+        return BatchRun(batch_sizes=[o.n for o in self.outcomes],
+                        correct1=[int(o.correct.sum()) for o in self.outcomes],
+                        correct5=[o.correct5 for o in self.outcomes],
+                        batch_gflops=[o.gflops for o in self.outcomes])
+
+    @property
+    def top1(self) -> float:
+        return self.as_batch_run().top1
+
+    @property
+    def top5(self) -> float:
+        return self.as_batch_run().top5
+
+    @property
+    def gflops(self) -> float:
+        return self.as_batch_run().gflops
+
+
+@dataclass
+class Finished:
+    """A trial as the study holds it."""
+
+    number: int
+    state: str  # "complete" or "pruned"
+    params: dict
+    top1: float | None  # on every image when complete; on the images seen when pruned
+    top5: float | None
+    gflops: float | None
+    images: int  # images this trial ran
+    feasible: bool | None
+    reason: str | None = None  # why it was pruned
+    correct: np.ndarray | None = None  # per image, complete trials only
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> Finished:
+        attrs = trial.user_attrs
+        constraint = trial.constraints.get(CONSTRAINT)
+        params = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in trial.params.items()}
+        return cls(number=trial.number, state=trial.state.name.lower(), params=params,
+                   top1=attrs.get("top1"), top5=attrs.get("top5"), gflops=attrs.get("gflops"),
+                   images=attrs.get("images", 0), feasible=None if constraint is None else constraint <= 0,
+                   reason=attrs.get("pruned_because"),
+                   correct=unpack_bits(attrs["correct"], attrs["images"]) if "correct" in attrs else None)
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """Sent after each trial this process finishes."""
+
+    trial: Finished
+    best: Finished | None  # the best feasible complete trial so far
+    done: int  # finished trials in the study (every process's)
+    total: int  # the study's target number of trials
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str
+    constraint: float | None  # the constraint value the pruned trial records (None: unknown)
+
+
+class Goal(Protocol):
+    direction: str
+
+    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner: ...
+
+    def describe(self) -> str: ...
+    def value(self, tally: Tally) -> float: ...
+    def constraint(self, tally: Tally, reference: Tally) -> float: ...
+    def rank(self, trial: Finished) -> tuple: ...
+    def verdict(self, tally: Tally, total: int, incumbent: Finished | None, reference: Tally,
+                probed: bool) -> Verdict | None: ...
+
+
+def _trails(correct: np.ndarray, reference: np.ndarray, allowed: float = 0.0) -> tuple[int, int, bool]:
+    """Images lost against `reference` on the same images, images where they differ, and the sign test."""
+    lost = int(reference.sum()) - int(correct.sum())
+    differ = int((correct != reference).sum())
+    return lost, differ, lost - allowed > 0 and lost - allowed > Z_PRUNE * math.sqrt(differ)
+
+
+@dataclass(frozen=True)
+class BudgetGoal:
+    """Maximise top-1 subject to GFLOPs <= target."""
+
+    target_gflops: float
+    direction: str = "maximize"
+
+    def describe(self) -> str:
+        return f"max top-1 subject to GFLOPs <= {self.target_gflops:.4g}"
+
+    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner:
+        # Rungs after probe_batches, 2x, 4x ... batches; the better half of each rung goes on.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=probe_batches, reduction_factor=2)
+
+    def value(self, tally: Tally) -> float:
+        return tally.top1
+
+    def constraint(self, tally: Tally, reference: Tally) -> float:
+        return tally.gflops - self.target_gflops
+
+    def rank(self, trial: Finished) -> tuple:
+        return -trial.top1, trial.gflops, trial.number
+
+    def verdict(self, tally, total, incumbent, reference, probed):
+        gflops = tally.gflops
+        if probed and gflops > self.target_gflops * (1 + GFLOPS_SLACK):
+            return Verdict(f"{gflops:.4g} GFLOPs on its first {tally.n_images} images, over the budget",
+                           gflops - self.target_gflops)
+        if incumbent is None:
+            return None
+        seen = tally.n_images
+        if tally.n_correct + (total - seen) < incumbent.correct.sum():
+            return Verdict(f"cannot reach trial {incumbent.number}'s top-1 even with every remaining image right",
+                           gflops - self.target_gflops)
+        return None
+
+
+@dataclass(frozen=True)
+class NoDropGoal:
+    """Minimise GFLOPs subject to top-1 >= the unmerged model's - tolerance (percentage points)."""
+
+    tolerance: float = 0.0
+    direction: str = "minimize"
+
+    def describe(self) -> str:
+        return f"min GFLOPs subject to top-1 >= unmerged - {self.tolerance:g}"
+
+    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner:
+        # Running GFLOPs say nothing of the accuracy floor; verdict() does the pruning.
+        return optuna.pruners.NopPruner()
+
+    def value(self, tally: Tally) -> float:
+        return tally.gflops
+
+    def constraint(self, tally: Tally, reference: Tally) -> float:
+        # In images, so that tolerance 0 and an equal count give exactly 0 (feasible).
+        allowed = self.tolerance * tally.n_images / 100
+        return (reference.correct[:tally.n_images].sum() - allowed - tally.n_correct) * 100 / tally.n_images
+
+    def rank(self, trial: Finished) -> tuple:
+        return trial.gflops, -trial.top1, trial.number
+
+    def verdict(self, tally, total, incumbent, reference, probed):
+        seen = tally.n_images
+        if probed and incumbent is not None and tally.gflops > incumbent.gflops:
+            return Verdict(f"{tally.gflops:.4g} GFLOPs on its first {seen} images, more than trial "
+                           f"{incumbent.number}'s {incumbent.gflops:.4g}", None)
+        allowed_total = self.tolerance * total / 100
+        needed = reference.correct.sum() - allowed_total
+        if tally.n_correct + (total - seen) < needed:
+            return Verdict(f"{seen - tally.n_correct} wrong images already exceed the tolerance",
+                           (needed - tally.n_correct - (total - seen)) * 100 / total)
+        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], self.tolerance * seen / 100)
+        if trails:
+            return Verdict(f"loses {lost} of the {differ} images where it differs from the unmerged model "
+                           f"(after {seen} images)", self.constraint(tally, reference))
+        return None
+
+
+def pack_bits(correct: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(correct.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+
+
+@dataclass
+class SearchResult:
+    best: Finished | None  # the best feasible complete trial (None: no trial met the goal)
+    trials: list[Finished]  # every finished trial of the study, by number
+    reference: Tally  # the unmerged model on the tuning batches
+    goal: Goal
+    space: SearchSpace
+    n_images: int
+    trials_run: int  # trials this process finished
+    forward_passes: int  # images this process's trials ran through the model
+    study_name: str
+
+    def _best(self) -> Finished:
+        if self.best is None:
+            raise RunError(f"no trial met the goal ({self.goal.describe()}) in {len(self.trials)} trials; "
+                           "run more trials or relax the goal")
+        return self.best
+
+    @property
+    def best_config(self) -> ATMConfig:
+        params = self._best().params
+        return ATMConfig(alpha=params["alpha"], beta=params["beta"], theta_min=params["theta_min"],
+                         split_layer=params.get("split_layer", self.space.split_layer))
+
+    @property
+    def params(self) -> dict:
+        """The best setting: alpha, beta, theta_min and split_layer (None: the engine's default)."""
+        config = self.best_config
+        return {"alpha": config.alpha, "beta": config.beta, "theta_min": config.theta_min,
+                "split_layer": config.split_layer}
+
+    @property
+    def top1(self) -> float:
+        return self._best().top1
+
+    @property
+    def gflops(self) -> float:
+        return self._best().gflops
+
+    @property
+    def naive_forward_passes(self) -> int:
+        """A search without multi-fidelity: every trial on every image, plus the unmerged model each time."""
+        return 2 * self.trials_run * self.n_images
+
+
+class Search:
+    """One Optuna study over `space`, run on `source`'s batches against the unmerged `reference`."""
+
+    def __init__(self, source: BatchSource, reference: Tally, goal: Goal, space: SearchSpace,
+                 probe_batches: int = 2):
+        space.validate(source.depth)
+        self.source, self.reference, self.goal, self.space = source, reference, goal, space
+        self.probe_batches = max(1, min(probe_batches, source.n_batches))
+        self.total = reference.n_images
+        self.forward_passes = 0
+        self.trials_run = 0
+        self._decoded: dict[int, Finished] = {}
+
+    def incumbent(self, study: optuna.Study) -> Finished | None:
+        """The best feasible complete trial so far (from the storage: other processes' trials count)."""
+        best = None
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial.constraints.get(CONSTRAINT, 1.0) > 0 or "correct" not in trial.user_attrs:
+                continue
+            if trial.number not in self._decoded:
+                self._decoded[trial.number] = Finished.of(trial)
+            candidate = self._decoded[trial.number]
+            if best is None or self.goal.rank(candidate) < self.goal.rank(best):
+                best = candidate
+        return best
+
+    def objective(self, trial: optuna.Trial) -> float:
+        config = self.space.suggest(trial, self.source.depth)
+        incumbent = self.incumbent(trial.study)
+        tally = Tally()
+        for index in range(self.source.n_batches):
+            outcome = self.source.run(config, index)
+            self.forward_passes += outcome.n
+            tally.add(outcome)
+            if index + 1 == self.source.n_batches:
+                break
+            verdict = self.goal.verdict(tally, self.total, incumbent, self.reference,
+                                        probed=index + 1 >= self.probe_batches)
+            trial.report(self.goal.value(tally), index + 1)
+            # The pruner only ever sees trials that passed verdict(), i.e. met the budget so far.
+            if verdict is None and trial.should_prune():
+                verdict = Verdict("in the lower half of the trials that saw these images",
+                                  self.goal.constraint(tally, self.reference))
+            if verdict is not None:
+                self._record(trial, tally)
+                trial.set_user_attr("pruned_because", verdict.reason)
+                if verdict.constraint is not None:
+                    trial.set_constraint(CONSTRAINT, verdict.constraint)
+                raise optuna.TrialPruned(verdict.reason)
+        self._record(trial, tally)
+        trial.set_user_attr("correct", pack_bits(tally.correct))
+        trial.set_constraint(CONSTRAINT, self.goal.constraint(tally, self.reference))
+        return self.goal.value(tally)
+
+    @staticmethod
+    def _record(trial: optuna.Trial, tally: Tally) -> None:
+        trial.set_user_attr("top1", tally.top1)
+        trial.set_user_attr("top5", tally.top5)
+        trial.set_user_attr("gflops", tally.gflops)
+        trial.set_user_attr("images", tally.n_images)
+
+    def run(self, study: optuna.Study, n_trials: int, timeout: float | None = None,
+            known_good: Sequence[ATMConfig] = (),
+            on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
+        """Run until the study holds `n_trials` finished trials (or `timeout` seconds pass)."""
+        for config in known_good:
+            params = self.space.trial_params(config, self.source.depth)
+            if params is not None:
+                study.enqueue_trial(params, skip_if_exists=True)
+
+        def after_trial(study: optuna.Study, frozen: FrozenTrial) -> None:
+            if frozen.state in FINISHED:
+                self.trials_run += 1
+                if on_trial is not None:
+                    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+                    on_trial(TrialEvent(Finished.of(frozen), self.incumbent(study), done, n_trials))
+
+        remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        if remaining > 0:
+            # The callback stops this process when trials from every process sharing the study reach n_trials.
+            stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+            study.optimize(self.objective, n_trials=remaining, timeout=timeout, callbacks=[after_trial, stop])
+        trials = [Finished.of(t) for t in study.get_trials(deepcopy=False, states=FINISHED)]
+        return SearchResult(best=self.incumbent(study), trials=trials, reference=self.reference, goal=self.goal,
+                            space=self.space, n_images=self.total, trials_run=self.trials_run, forward_passes=self.forward_passes,
+                            study_name=study.study_name)
+
+
+def reachable_gflops(source: BatchSource, space: SearchSpace, n_batches: int = 1) -> tuple[float, float, int]:
+    """GFLOPs of the most- and least-merging settings in `space` on the first batches, and images run."""
+    space.validate(source.depth)
+    tallies = []
+    for config in space.extremes():
+        tally = Tally()
+        for index in range(min(n_batches, source.n_batches)):
+            tally.add(source.run(config, index))
+        tallies.append(tally)
+    return tallies[0].gflops, tallies[1].gflops, sum(t.n_images for t in tallies)
+
+
+def check_budget(target_gflops: float, baseline_gflops: float, reachable: tuple[float, float] | None = None) -> None:
+    """Refuse a budget the search cannot meet, naming the range it can (once `reachable` is known)."""
+    if target_gflops >= baseline_gflops:
+        raise UsageError(f"the budget {target_gflops:.4g} GFLOPs is not below the unmerged model's "
+                         f"{baseline_gflops:.4g} GFLOPs: nothing to search")
+    if reachable is None:
+        return
+    low, high = reachable
+    if target_gflops < low * (1 - GFLOPS_SLACK):
+        raise UsageError(f"the budget {target_gflops:.4g} GFLOPs is below what any setting in range reaches: "
+                         f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. --alpha-range)")

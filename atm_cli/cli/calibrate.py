@@ -1,0 +1,159 @@
+"""`atm calibrate`: search alpha, beta and theta_min for a GFLOPs budget (or no drop) and write a preset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import optuna
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from atm_cli.calibration import CalibrationReport, CalibrationRequest, SearchSpace, TrialEvent, calibrate
+from atm_cli.calibration.space import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
+from atm_cli.errors import UsageError
+from atm_cli.models import DEMO_MODEL_ALIAS
+
+
+def _range(text: Optional[str], flag: str, default: tuple[float, float]) -> tuple[float, float]:
+    if text is None:
+        return default
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} takes LOW,HIGH (two numbers), got {text!r}") from None
+    return low, high
+
+
+def _paper(bounds: tuple[float, float]) -> str:
+    return f"{bounds[0]},{bounds[1]}"
+
+
+def command(
+    model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
+                              help="A timm model name or a folder in timm's format. Default: the embedded ViT."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
+                                        help="ImageFolder to tune on. Default (atm-demo): the bundled 1,000 "
+                                             "calibration images."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", metavar="DIR",
+                                             help="Held-out ImageFolder the chosen setting is reported on. Default "
+                                                  "(atm-demo, no --data): the bundled 2,000 test images."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Tune on a class-balanced subset of --data."),
+    target_gflops: Optional[float] = typer.Option(None, "--target-gflops", metavar="G",
+                                                  help="Maximise top-1 subject to GFLOPs per image <= G."),
+    target_reduction: Optional[float] = typer.Option(None, "--target-reduction", metavar="P",
+                                                     help="Maximise top-1 with at least P% fewer GFLOPs than the "
+                                                          "unmerged model."),
+    no_drop: bool = typer.Option(False, "--no-drop",
+                                 help="Minimise GFLOPs subject to top-1 >= the unmerged model's - tolerance."),
+    tolerance: float = typer.Option(0.0, "--tolerance", metavar="T", help="--no-drop: top-1 points that may be lost."),
+    n_trials: int = typer.Option(30, "--n-trials", min=1,
+                                 help="Trials in the study (a resumed study continues up to this many)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the --limit subset."),
+    split_layer: Optional[int] = typer.Option(None, "--split-layer", metavar="L",
+                                              help="Last block with alternate matching (default: 0.75 of the depth)."),
+    search_split_layer: bool = typer.Option(False, "--search-split-layer", help="Search the split layer too."),
+    alpha_range: Optional[str] = typer.Option(None, "--alpha-range", metavar="LOW,HIGH",
+                                              help=f"Default {_paper(PAPER_ALPHA)} (the paper's sweep)."),
+    beta_range: Optional[str] = typer.Option(None, "--beta-range", metavar="LOW,HIGH",
+                                             help=f"Default {_paper(PAPER_BETA)}."),
+    theta_min_range: Optional[str] = typer.Option(None, "--theta-min-range", metavar="LOW,HIGH",
+                                                  help=f"Default {_paper(PAPER_THETA_MIN)}."),
+    step: float = typer.Option(PAPER_STEP, "--step", help="Grid step of alpha, beta and theta_min."),
+    storage: Optional[str] = typer.Option(None, "--storage", metavar="URL|FILE",
+                                          help="Keep trials in an RDB (sqlite:///calib.db, postgresql://...) or an "
+                                               "Optuna journal file, to resume or to search with several processes."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", metavar="NAME",
+                                             help="The study in --storage (default: from the model and the goal)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1,
+                                   help="Images per batch (ATM's r depends on it; the preset records it)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes (images are loaded once)."),
+    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="PRESET.yaml", help="Write the preset here."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Find ATM's alpha, beta, theta_min for a GFLOPs budget, or the cheapest with no top-1 drop, as a preset."""
+    space = SearchSpace(alpha=_range(alpha_range, "--alpha-range", PAPER_ALPHA),
+                        beta=_range(beta_range, "--beta-range", PAPER_BETA),
+                        theta_min=_range(theta_min_range, "--theta-min-range", PAPER_THETA_MIN),
+                        step=step, split_layer=split_layer, search_split_layer=search_split_layer)
+    if storage is not None and study_name is None:
+        goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
+        study_name = f"atm-calibrate-{model}-{goal}"
+    request = CalibrationRequest(
+        model=model, checkpoint=checkpoint, pretrained=pretrained, data=data, eval_data=eval_data, limit=limit,
+        target_gflops=target_gflops, target_reduction=target_reduction, no_drop=no_drop, tolerance=tolerance,
+        n_trials=n_trials, timeout=timeout, seed=seed, space=space, batch_size=batch_size, workers=workers,
+        device=device, storage=storage, study_name=study_name, out=out)
+    request.check()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("starting", total=n_trials, best="")
+
+            def on_trial(event: TrialEvent) -> None:
+                best = event.best
+                text = f"best: {best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
+                bar.update(task, description=f"trial {event.trial.number}", completed=event.done, best=text)
+
+            report = calibrate(request, on_trial=on_trial,
+                               on_stage=lambda message: bar.update(task, description=message))
+    except KeyboardInterrupt:
+        kept = f"finished trials are kept in {storage} (study {study_name}); run the same command to resume" \
+            if storage else "nothing was kept (no --storage)"
+        console.print(f"interrupted: {kept}", highlight=False)
+        raise typer.Exit(130) from None
+
+    result = report.to_dict()
+    console.print(_table(report, result))
+    _print_notes(console, report, result)
+    if json_output:
+        typer.echo(json.dumps(result))
+
+
+def _table(report: CalibrationReport, result: dict) -> Table:
+    r = report.reported
+    table = Table(title=f"{result['model']}: best of {result['n_trials']} trials (trial {result['best_trial']}), "
+                        f"{result['goal']}", title_justify="left")
+    table.add_column("")
+    table.add_column("ATM", justify="right")
+    table.add_column("unmerged", justify="right")
+    params = result["params"]
+    split = params["split_layer"] if params["split_layer"] is not None else "default"
+    table.add_row("alpha / beta / theta_min", f"{params['alpha']:g} / {params['beta']:g} / {params['theta_min']:g}", "")
+    table.add_row("split layer", str(split), "")
+    table.add_row(f"top-1 % ({r.n_images} images)", f"{r.top1:.2f}", f"{r.baseline_top1:.2f}")
+    table.add_row("top-5 %", f"{r.top5:.2f}", f"{r.baseline_top5:.2f}")
+    table.add_row("GFLOPs / image", f"{r.gflops:.4g} ({-result['gflops_reduction']:+.1f}%)", f"{r.baseline_gflops:.4g}")
+    if not report.shared_images:
+        t = report.tuning
+        table.add_row(f"tuning top-1 % ({t.n_images} images)", f"{t.top1:.2f}", f"{t.baseline_top1:.2f}")
+        table.add_row("tuning GFLOPs / image", f"{t.gflops:.4g}", f"{t.baseline_gflops:.4g}")
+    return table
+
+
+def _print_notes(console: Console, report: CalibrationReport, result: dict) -> None:
+    share = 100.0 * result["forward_passes"] / result["naive_forward_passes"] if result["naive_forward_passes"] else 0
+    console.print(f"search: {result['trials_run']} trials here ({result['trials_pruned']} pruned in the study), "
+                  f"{result['forward_passes']} images through the model vs {result['naive_forward_passes']} for a "
+                  f"naive search ({share:.0f}%)", highlight=False)
+    if report.reachable_gflops:
+        low, high = report.reachable_gflops
+        console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)
+    if report.shared_images:
+        console.print("note: tuned and reported on the same images, so top-1 is optimistic; "
+                      "give --eval-data DIR for a held-out figure", highlight=False)
+    else:
+        console.print(f"reported on held-out images ({report.reported.data}); tuned on {report.tuning.data}",
+                      highlight=False)
+    if result["preset"]:
+        console.print(f"preset written to {result['preset']}", highlight=False)

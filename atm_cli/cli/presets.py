@@ -1,0 +1,74 @@
+"""`atm presets list|show`: the bundled presets (the paper's settings and calibrated ones), by model."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+import yaml
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from atm_cli.presets import Preset, canonical_model_name, find_preset, list_presets
+
+app = typer.Typer(help="The bundled presets: the paper's settings and calibrated ones, by model.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _number(value: Optional[float], digits: str = ".2f") -> str:
+    return "" if value is None else format(value, digits)
+
+
+def _params(preset: Preset) -> str:
+    p = preset.params
+    if preset.method_name == "atm":
+        split = "" if p.get("split_layer") is None else f" split {p['split_layer']}"
+        return f"{p['alpha']:g}/{p['beta']:g}/{p['theta_min']:g}{split}"
+    return f"tome r={p['r']}" + ("" if p.get("inflection") is None else f" ({p['inflection']:+g})")
+
+
+@app.command("list")
+def list_command(
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Only presets made for this model."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """List the bundled presets by model: ATM's alpha/beta/theta_min (or ToMe's r), and what they measured."""
+    presets = list_presets(model)
+    if json_output:
+        typer.echo(json.dumps({"presets": [{"name": p.name, **p.to_dict()} for p in presets]}))
+        return
+    console = Console(stderr=True)
+    if not presets:
+        wanted = f" for {canonical_model_name(model)}" if model else ""
+        console.print(f"no bundled presets{wanted}", highlight=False)
+        return
+    for model_name in dict.fromkeys(p.model.name for p in presets):
+        table = Table(title=f"{model_name} (atm eval --model ... --preset NAME)", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("name", no_wrap=True)
+        table.add_column("params", no_wrap=True)
+        for column in ("GFLOPs", "change", "top-1"):
+            table.add_column(column, justify="right", no_wrap=True)
+        table.add_column("from", no_wrap=True)
+        for p in (p for p in presets if p.model.name == model_name):
+            m = p.measured
+            change = f"{100 * (m.gflops / m.baseline_gflops - 1):+.0f}%" if m.baseline_gflops else ""
+            table.add_row(p.name + (" *" if p.default else ""), _params(p), _number(m.gflops, ".4g"), change,
+                          _number(m.top1), p.provenance.source.replace("paper Table ", "paper "))
+        console.print(table)
+    console.print("* the model's default (what atm eval runs with no method flags)", highlight=False)
+
+
+@app.command("show")
+def show_command(
+    name: str = typer.Argument(..., metavar="NAME|FILE", help="A bundled preset's name, or a preset file."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Print one preset in full (YAML, or JSON with --json)."""
+    preset = find_preset(name, force=True)
+    if json_output:
+        typer.echo(json.dumps({"name": preset.name, "path": str(preset.path), **preset.to_dict()}))
+        return
+    Console(stderr=True).print(f"# {preset.path}", highlight=False)
+    typer.echo(yaml.safe_dump(preset.to_dict(), sort_keys=False, width=120), nl=False)
