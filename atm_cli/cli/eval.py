@@ -1,0 +1,138 @@
+"""`atm eval`: accuracy, GFLOPs and speed of a merging setting against the unmerged model, on one pass."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from atm_cli.errors import UsageError
+from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder, load_model
+from atm_cli.models import DEMO_MODEL_ALIAS
+
+from .method_options import MethodFlags, MethodName
+
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+RESULT_SUFFIXES = (".csv", ".json")
+
+
+def command(
+    model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
+                              help="A timm model name (hf-hub: names too), or a folder in timm's format "
+                                   "(config.json + weights). Default: the embedded CIFAR-10 ViT."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE",
+                                              help="Local weights for the model, loaded by timm."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="--no-pretrained: random weights (for speed and GFLOPs only)."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
+                                        help="An ImageFolder (DIR/<class>/<image>). Default: the bundled "
+                                             "2,000 CIFAR-10 test images."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", metavar="FILE",
+                                             help="Folder -> class index (JSON object or 'folder index' lines), "
+                                                  "instead of matching folder names to the model's labels."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
+    method: Optional[MethodName] = typer.Option(None, "--method", case_sensitive=False,
+                                                help="Merging method. Default: atm with the model's default "
+                                                     "preset, or the paper's DeiT-S setting."),
+    preset: Optional[str] = typer.Option(None, "--preset", metavar="FILE|NAME",
+                                         help="A preset file, or the name of a bundled preset."),
+    force: bool = typer.Option(False, "--force", help="Apply a preset made for another model or checkpoint."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="ATM: threshold of the first block."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="ATM: how fast thresholds fall with depth."),
+    theta_min: Optional[float] = typer.Option(None, "--theta-min", help="ATM: the lowest threshold."),
+    split_layer: Optional[int] = typer.Option(None, "--split-layer",
+                                              help="ATM: last block with alternate matching (default 0.75 L)."),
+    r: Optional[str] = typer.Option(None, "--r", metavar="R",
+                                    help="ToMe: tokens merged per block (an int, or a comma list per block)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help=f"Images per batch (ATM's r depends on it). Default: the "
+                                                  f"preset's, else {DEFAULT_BATCH_SIZE}."),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="Image loading processes."),
+    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda"),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1,
+                                        help="Evaluate a class-balanced subset of this many images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE.csv|FILE.json",
+                                                help="Append a row to a CSV file, or write the JSON object."),
+) -> None:
+    """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
+    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
+    if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
+        raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
+    if checkpoint is not None and not pretrained:
+        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
+
+    console = Console(stderr=True)
+    with console.status(f"loading {model}"):
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+    choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
+    batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
+    images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,
+                               strict=strict, limit=limit, seed=seed)
+    console.print(f"{loaded.name} on {images.n_files} images from {images.root}, batch {batch_size}, "
+                  f"{loaded.device}; method: {choice.source}", highlight=False, soft_wrap=True)
+
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=images.n_files)
+        report = evaluate(loaded, images, choice.config, batch_size, workers, amp,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+    result = report.to_dict()
+    console.print(_result_table(report))
+    if report.skipped_images:
+        shown = ", ".join(list(images.skipped_files)[:3])
+        console.print(f"skipped {report.skipped_images} unreadable image(s): {shown}", highlight=False, soft_wrap=True)
+    if results_file is not None:
+        _write_results(results_file, result)
+    if json_output:
+        typer.echo(json.dumps(result))
+
+
+def _result_table(report: EvalReport) -> Table:
+    d = report.to_dict()
+    table = Table(title=f"{report.model}, {report.merged.n_images} images", title_justify="left")
+    table.add_column("")
+    table.add_column(report.method, justify="right")
+    table.add_column("unmerged", justify="right")
+    table.add_row("top-1 %", f"{d['top1']:.2f}", f"{d['baseline_top1']:.2f}")
+    table.add_row("top-5 %", f"{d['top5']:.2f}", f"{d['baseline_top5']:.2f}")
+    table.add_row("GFLOPs / image", f"{d['gflops']:.4g} ({-d['gflops_reduction']:+.1f}%)", f"{d['baseline_gflops']:.4g}")
+    table.add_row("images/s (model)", f"{d['images_per_sec']:.1f}", f"{d['baseline_images_per_sec']:.1f}")
+    table.add_row("images/s (end to end)", f"{d['end_to_end_images_per_sec']:.1f}", "")
+    table.add_row("top-1 agreement %", f"{d['agreement']:.2f}", "")
+    table.add_row("tokens per block", _token_bars(d["tokens_per_layer"], d["baseline_tokens_per_layer"][0]), "")
+    return table
+
+
+def _token_bars(tokens: list[float], full: float, width: int = 20) -> str:
+    """A small bar chart of the mean tokens entering each block (Figure 6 of the paper)."""
+    return "\n".join(f"{i + 1:>2} {'█' * max(1, round(width * n / full)):<{width}} {n:6.1f}"
+                     for i, n in enumerate(tokens))
+
+
+def _write_results(path: Path, result: dict) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    row = {key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in result.items()}
+    exists = path.is_file() and path.stat().st_size > 0
+    if exists:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(row):
+            raise UsageError(f"results file {path} has other columns than atm eval writes; use a new file")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if not exists:
+            writer.writeheader()
+        writer.writerow(row)

@@ -1,0 +1,95 @@
+"""The method flags every command that merges shares: --method, --preset, ATM's and ToMe's parameters."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+from atm_cli.engine import ATMConfig, MergeConfig, ToMeConfig
+from atm_cli.errors import UsageError
+from atm_cli.presets import default_preset_for, find_preset
+
+# The paper's DeiT-S setting (Table A2): the fallback for a model without a default preset.
+PAPER_DEFAULT = ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88)
+PAPER_DEFAULT_SOURCE = "the paper's DeiT-S setting (Table A2)"
+
+
+class MethodName(str, Enum):
+    atm = "atm"
+    tome = "tome"
+    none = "none"
+
+
+@dataclass
+class MethodChoice:
+    config: MergeConfig | None  # None: the unmerged model
+    source: str  # where the setting came from, for the output
+    batch_size: int | None = None  # the preset's batch size (GFLOPs depend on it), when a preset chose
+
+
+@dataclass(frozen=True)
+class MethodFlags:
+    """The flags as given; contradictions fail on construction, before any model is loaded."""
+
+    method: MethodName | None = None
+    preset: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    theta_min: float | None = None
+    split_layer: int | None = None
+    r: str | None = None
+
+    def __post_init__(self) -> None:
+        atm = self._atm_flags()
+        if self.preset is not None and (self.method is not None or atm or self.r is not None):
+            raise UsageError("--preset sets the method and its parameters: drop --method, "
+                             "--alpha/--beta/--theta-min/--split-layer and --r")
+        if atm and self.method in (MethodName.tome, MethodName.none):
+            raise UsageError(f"{_flags(atm)} set ATM's thresholds; they contradict --method {self.method.value}")
+        if self.r is not None:
+            _parse_r(self.r)
+            if self.method not in (None, MethodName.tome):
+                raise UsageError(f"--r is ToMe's parameter; it contradicts --method {self.method.value}")
+            if atm:
+                raise UsageError(f"--r (ToMe) contradicts ATM's {_flags(atm)}")
+        if self.method is MethodName.tome and self.r is None:
+            raise UsageError("--method tome needs --r R (tokens merged per block)")
+
+    def _atm_flags(self) -> dict:
+        values = {"alpha": self.alpha, "beta": self.beta, "theta_min": self.theta_min, "split_layer": self.split_layer}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def resolve(self, model_name: str, checkpoint_sha256: str | None = None, force: bool = False) -> MethodChoice:
+        """The engine config for a model: a preset, the flags, or the model's default ATM setting."""
+        if self.preset is not None:
+            preset = find_preset(self.preset, model_name, force, checkpoint_sha256)
+            return MethodChoice(preset.method, f"preset {preset.path}", preset.batch_size)
+        if self.r is not None:
+            return MethodChoice(ToMeConfig(r=_parse_r(self.r)), "--r")
+        if self.method is MethodName.none:
+            return MethodChoice(None, "--method none")
+        default = default_preset_for(model_name)
+        atm = self._atm_flags()
+        wants_atm = self.method is MethodName.atm or bool(atm)
+        if default is not None and (isinstance(default.method, ATMConfig) or not wants_atm):
+            choice = MethodChoice(default.method, f"default preset {default.name}", default.batch_size)
+        else:
+            choice = MethodChoice(PAPER_DEFAULT, PAPER_DEFAULT_SOURCE)
+        if atm:
+            choice = MethodChoice(dataclasses.replace(choice.config, **atm), f"{choice.source} with {_flags(atm)}")
+        return choice
+
+
+def _flags(values: dict) -> str:
+    return ", ".join(f"--{name.replace('_', '-')}" for name in values)
+
+
+def _parse_r(text: str) -> int | list[int]:
+    """ToMe's r: one int for every block, or a comma-separated list, one per block."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--r must be an integer or a comma-separated list of integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"--r must not be negative, got {text!r}")
+    return values[0] if len(values) == 1 else values

@@ -1,0 +1,247 @@
+"""Image folders as a model sees them: timm's eval transform, labels in the model's class indices.
+
+Unreadable images are found while loading (reading every file twice would slow large folders);
+each pass drops them from its batches and records them on the ImageSet, so counts are complete
+after one full pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import UnidentifiedImageError
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from atm_cli.errors import RunError, UsageError
+
+from .models import LoadedModel
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+DEMO_EVAL_DATA = SAMPLES / "cifar10-eval"  # CIFAR-10 test images, class balanced
+DEMO_CALIB_DATA = SAMPLES / "cifar10-calib"  # training images held out of the demo model's training
+
+# What PIL raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors).
+UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+@dataclass
+class ImageSet:
+    dataset: Dataset  # items: (image tensor, model class index)
+    root: Path
+    fingerprint: str  # sha256 of relative paths, file sizes and class indices of the selected images
+    class_to_model_index: dict[str, int]  # class folder name -> model output index
+    strict: bool = False
+    n_files: int = 0
+    skipped_files: dict[str, str] = field(default_factory=dict)  # relative path -> why it was unreadable
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    @property
+    def n_images(self) -> int:
+        """Images that can be evaluated (all files until a pass has found the unreadable ones)."""
+        return self.n_files - self.skipped
+
+    def relative_path(self, index: int) -> str:
+        folder, index = _folder_and_index(self.dataset, index)
+        return os.path.relpath(folder.samples[index][0], self.root)
+
+
+def _folder_and_index(dataset: Dataset, index: int) -> tuple[ImageFolder, int]:
+    if isinstance(dataset, Subset):
+        return _folder_and_index(dataset.dataset, dataset.indices[index])
+    return dataset, index
+
+
+def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Path | None = None,
+                      strict: bool = False, limit: int | None = None, seed: int = 0) -> ImageSet:
+    """An ImageFolder under `root` (ROOT/<class>/<image>) with labels mapped to `loaded`'s classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    try:
+        folder = ImageFolder(root, transform=create_transform(**loaded.data_config, is_training=False),
+                             allow_empty=True)
+    except FileNotFoundError:
+        raise UsageError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)") from None
+    if not folder.samples:
+        raise UsageError(f"data folder {root} has no images in its class folders (expected {root}/<class>/<image>)")
+
+    mapping = (_read_class_map(Path(class_map), folder.classes, loaded.num_classes) if class_map is not None
+               else _infer_class_mapping(root, folder.classes, loaded))
+    model_index = [mapping[name] for name in folder.classes]
+    folder.target_transform = model_index.__getitem__
+    folder.targets = [model_index[t] for t in folder.targets]
+
+    dataset: Dataset = folder
+    selected = list(range(len(folder.samples)))
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"--limit must be at least 1, got {limit}")
+        selected = _balanced_subset([t for _, t in folder.samples], limit, seed)
+        dataset = Subset(folder, selected)
+    return ImageSet(
+        dataset=dataset,
+        root=root,
+        fingerprint=_fingerprint(root, [folder.samples[i] for i in selected], model_index),
+        class_to_model_index=mapping,
+        strict=strict,
+        n_files=len(selected),
+    )
+
+
+def _read_class_map(path: Path, folders: list[str], num_classes: int) -> dict[str, int]:
+    """A JSON object {folder: index}, or lines "folder index" (whitespace or comma separated)."""
+    if not path.is_file():
+        raise UsageError(f"class map {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("expected a JSON object {folder: class index}")
+        else:
+            raw = dict(line.replace(",", " ").split() for line in text.splitlines() if line.strip())
+        mapping = {str(name): int(index) for name, index in raw.items()}
+    except ValueError as error:
+        raise UsageError(f"class map {path}: {error} (expected {{folder: class index}} or lines 'folder index')") from None
+    missing = [name for name in folders if name not in mapping]
+    if missing:
+        raise UsageError(f"class map {path} has no index for folder(s) {_some(missing)}")
+    outside = [name for name in folders if not 0 <= mapping[name] < num_classes]
+    if outside:
+        raise UsageError(f"class map {path}: index of {_some(outside)} outside the model's 0..{num_classes - 1}")
+    return {name: mapping[name] for name in folders}
+
+
+def _infer_class_mapping(root: Path, folders: list[str], loaded: LoadedModel) -> dict[str, int]:
+    """Map folder names through the model's label names, else ImageNet wnids, else sorted order.
+
+    Sorted order (what timm's own validation does) is used only when the folders match the
+    model's class count and no known label vocabulary partly matches them, so a typo in one
+    folder name cannot shift every label after it.
+    """
+    vocabularies = []
+    label_names = loaded.model.pretrained_cfg.get("label_names")
+    if label_names:
+        vocabularies.append(("label names", list(label_names)))
+    subset = infer_imagenet_subset(loaded.model)
+    if subset:
+        vocabularies.append((f"{subset} WordNet ids", ImageNetInfo(subset).label_names()))
+    for description, names in vocabularies:
+        index = {name: i for i, name in enumerate(names)}
+        unknown = [name for name in folders if name not in index]
+        if not unknown:
+            return {name: index[name] for name in folders}
+        if len(unknown) < len(folders):
+            raise UsageError(f"cannot map class folder(s) {_some(unknown)} of {root} to {loaded.name}'s "
+                             f"{description}; give --class-map FILE")
+    if len(folders) == loaded.num_classes:
+        return {name: i for i, name in enumerate(folders)}
+    raise UsageError(f"cannot map the {len(folders)} class folders of {root} to {loaded.name}'s "
+                     f"{loaded.num_classes} classes (names not recognised); give --class-map FILE")
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _balanced_subset(labels: list[int], limit: int, seed: int) -> list[int]:
+    """`limit` indices taken round-robin over classes, each class's order shuffled with `seed`."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    queues = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        queues.append(members)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(limit, len(labels)):
+        chosen.extend(q[depth] for q in queues if depth < len(q))
+        depth += 1
+    return sorted(chosen[:limit])
+
+
+def _fingerprint(root: Path, samples: list[tuple[str, int]], model_index: list[int]) -> str:
+    digest = hashlib.sha256()
+    for path, folder_index in samples:
+        line = f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\t{model_index[folder_index]}\n"
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+class _IndexedOrUnreadable(Dataset):
+    """Items (index, image, label), or (index, None, reason) for a file that cannot be decoded."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.dataset[index]
+        except UnidentifiedImageError:
+            return index, None, "not an image format PIL can read"
+        except UNREADABLE_ERRORS as error:
+            return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
+        return index, image, label
+
+
+def _collate(items: list) -> tuple[Tensor | None, Tensor | None, list[tuple[int, str]]]:
+    readable = [(image, label) for _, image, label in items if image is not None]
+    unreadable = [(index, reason) for index, image, reason in items if image is None]
+    if not readable:
+        return None, None, unreadable
+    return torch.stack([image for image, _ in readable]), torch.tensor([label for _, label in readable]), unreadable
+
+
+def make_loader(images: ImageSet, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """The loader every pass uses: fixed order, so every pass and every method sees the same batches."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    return DataLoader(
+        _IndexedOrUnreadable(images.dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        # Deep prefetch keeps decoding ahead of a model made faster by merging.
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def iterate_batches(images: ImageSet, loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) batches of readable images; unreadable ones are recorded (or fail when strict)."""
+    for batch, labels, unreadable in loader:
+        for index, reason in unreadable:
+            path = images.relative_path(index)
+            if images.strict:
+                raise RunError(f"unreadable image {images.root / path}: {reason}")
+            images.skipped_files[path] = reason
+        if batch is not None:
+            yield batch, labels
+
+
+def preload(images: ImageSet, batch_size: int, workers: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """All batches in memory, on the CPU, for searches that run the same batches many times."""
+    loader = make_loader(images, batch_size, workers, torch.device("cpu"))
+    return list(iterate_batches(images, loader))

@@ -1,0 +1,260 @@
+"""Run batches through a merging (or unmerged) model and measure accuracy, GFLOPs, tokens and speed."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from timm.utils import accuracy
+from torch import Tensor
+
+from atm_cli.engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, tome_schedule, unpatch
+from atm_cli.engine.config import resolve_split_layer
+from atm_cli.errors import UsageError
+
+from .data import ImageSet, iterate_batches, make_loader
+from .models import LoadedModel
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BatchRun:
+    """Per-batch results of one method on a sequence of batches; totals as properties."""
+
+    batch_sizes: list[int] = field(default_factory=list)
+    correct1: list[int] = field(default_factory=list)
+    correct5: list[int] = field(default_factory=list)
+    batch_gflops: list[float] = field(default_factory=list)  # GFLOPs per image of each batch
+    batch_tokens: list[tuple[int, ...]] = field(default_factory=list)  # tokens entering each block
+    batch_predictions: list[Tensor] = field(default_factory=list)  # top-1 class of each image (CPU)
+
+    @property
+    def n_images(self) -> int:
+        return sum(self.batch_sizes)
+
+    @property
+    def top1(self) -> float:
+        """Percent, as timm reports it."""
+        return 100.0 * sum(self.correct1) / self.n_images
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * sum(self.correct5) / self.n_images
+
+    @property
+    def gflops(self) -> float:
+        """GFLOPs per image over all batches: the batch-size-weighted mean (batches differ under ATM)."""
+        return sum(n * g for n, g in zip(self.batch_sizes, self.batch_gflops)) / self.n_images
+
+    @property
+    def tokens_per_layer(self) -> list[float]:
+        """Mean tokens entering each block, weighted by batch size."""
+        return [sum(n * tokens[block] for n, tokens in zip(self.batch_sizes, self.batch_tokens)) / self.n_images
+                for block in range(len(self.batch_tokens[0]))]
+
+    @property
+    def predictions(self) -> Tensor:
+        return torch.cat(self.batch_predictions)
+
+    def add(self, logits: Tensor, labels: Tensor, gflops: float, tokens: tuple[int, ...]) -> None:
+        top1, top5 = accuracy(logits.float(), labels, topk=(1, 5))
+        n = len(labels)
+        # timm returns percentages of the batch; counts keep totals exact across batches of any size.
+        self.batch_sizes.append(n)
+        self.correct1.append(round(top1.item() * n / 100))
+        self.correct5.append(round(top5.item() * n / 100))
+        self.batch_gflops.append(gflops)
+        self.batch_tokens.append(tokens)
+        self.batch_predictions.append(logits.argmax(dim=1).cpu())
+
+
+def describe_method(method: MergeConfig | None, depth: int) -> tuple[str, dict]:
+    """The method's name and its parameters as plain values (resolved for a `depth`-block model)."""
+    if method is None:
+        return "none", {}
+    if isinstance(method, ATMConfig):
+        params = {"alpha": method.alpha, "beta": method.beta, "theta_min": method.theta_min,
+                  "split_layer": resolve_split_layer(method, depth), "prop_attn": method.prop_attn}
+        if method.block_thresholds is not None:
+            params["block_thresholds"] = list(method.block_thresholds)
+        return "atm", params
+    return "tome", {"r": tome_schedule(method.r, depth), "prop_attn": method.prop_attn}
+
+
+def check_method(loaded: LoadedModel, method: MergeConfig | None) -> None:
+    """Fail before any image is loaded when the engine rejects the config for this model."""
+    if method is None:
+        return
+    try:
+        patch(loaded.model, method)
+    except ValueError as error:
+        raise UsageError(f"{type(method).__name__} on {loaded.name}: {error}") from None
+    finally:
+        unpatch(loaded.model)
+
+
+def _autocast(loaded: LoadedModel, amp: bool):
+    dtype = torch.float16 if loaded.device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=loaded.device.type, dtype=dtype, enabled=amp)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward(loaded: LoadedModel, images: Tensor, method: MergeConfig | None,
+             amp: bool) -> tuple[Tensor, float, tuple[int, ...], float]:
+    """Logits, GFLOPs per image, tokens entering each block, and model seconds for one batch."""
+    model = loaded.model
+    if method is not None:
+        patch(model, method)
+    try:
+        _synchronize(loaded.device)
+        started = time.perf_counter()
+        with torch.inference_mode(), _autocast(loaded, amp):
+            logits = model(images)
+        _synchronize(loaded.device)
+        seconds = time.perf_counter() - started
+        if method is None:
+            return logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds
+        trace = last_trace(model)
+        return logits, trace.gflops, tuple(trace.tokens[:-1]), seconds
+    finally:
+        unpatch(model)
+
+
+def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MergeConfig | None = None,
+                max_batches: int | None = None, amp: bool = False, progress: Progress | None = None) -> BatchRun:
+    """Run `method` (None: the unmerged model) on the batches, the first `max_batches` of them if given."""
+    check_method(loaded, method)
+    batches = list(batches) if max_batches is None else list(batches)[:max_batches]
+    run = BatchRun()
+    for done, (images, labels) in enumerate(batches, start=1):
+        logits, gflops, tokens, _ = _forward(loaded, images.to(loaded.device), method, amp)
+        run.add(logits, labels, gflops, tokens)
+        if progress is not None:
+            progress(done, len(batches))
+    return run
+
+
+@dataclass
+class EvalReport:
+    """What `atm eval` reports: the method and the unmerged model, measured on the same batches."""
+
+    model: str
+    model_tag: str | None
+    checkpoint_sha256: str | None
+    method: str
+    params: dict
+    batch_size: int
+    device: str
+    amp: bool
+    workers: int
+    data: str
+    data_fingerprint: str
+    skipped_images: int
+    merged: BatchRun
+    baseline: BatchRun
+    model_seconds: float  # the method's forward passes, synchronised, after warm-up
+    baseline_model_seconds: float
+    end_to_end_seconds: float  # the pass's wall time without the unmerged model's forward passes
+
+    @property
+    def agreement(self) -> float:
+        """Percent of images where the method's top-1 class equals the unmerged model's."""
+        same = (self.merged.predictions == self.baseline.predictions).sum().item()
+        return 100.0 * same / self.merged.n_images
+
+    def to_dict(self) -> dict:
+        n = self.merged.n_images
+        return {
+            "model": self.model,
+            "model_tag": self.model_tag,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "method": self.method,
+            "params": self.params,
+            "n_images": n,
+            "skipped_images": self.skipped_images,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "amp": self.amp,
+            "workers": self.workers,
+            "data": self.data,
+            "data_fingerprint": self.data_fingerprint,
+            "top1": self.merged.top1,
+            "top5": self.merged.top5,
+            "gflops": self.merged.gflops,
+            "baseline_top1": self.baseline.top1,
+            "baseline_top5": self.baseline.top5,
+            "baseline_gflops": self.baseline.gflops,
+            "gflops_reduction": 100.0 * (1.0 - self.merged.gflops / self.baseline.gflops),
+            "agreement": self.agreement,
+            "images_per_sec": n / self.model_seconds,
+            "baseline_images_per_sec": n / self.baseline_model_seconds,
+            "end_to_end_images_per_sec": n / self.end_to_end_seconds,
+            "tokens_per_layer": self.merged.tokens_per_layer,
+            "baseline_tokens_per_layer": self.baseline.tokens_per_layer,
+        }
+
+
+def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, batch_size: int, workers: int,
+             amp: bool = False, progress: Progress | None = None) -> EvalReport:
+    """One pass over `images`: each batch runs through the unmerged model and through `method`.
+
+    Speeds are measured after one untimed warm-up forward of each model on the first batch.
+    End-to-end time is the pass's wall time less the unmerged model's forward passes: loading,
+    transfer and the method's model (the extra forward gives the loader slack, so the benchmark
+    benchmarks/eval_loader.py measures the pipeline alone).
+    """
+    check_method(loaded, method)
+    loader = make_loader(images, batch_size, workers, loaded.device)
+    merged, baseline = BatchRun(), BatchRun()
+    model_seconds = baseline_seconds = excluded_seconds = 0.0
+    total = len(images.dataset)
+    started = time.perf_counter()
+    for images_batch, labels in iterate_batches(images, loader):
+        images_batch = images_batch.to(loaded.device, non_blocking=True)
+        if not baseline.batch_sizes:
+            warm_up_started = time.perf_counter()
+            _forward(loaded, images_batch, None, amp)
+            if method is not None:
+                _forward(loaded, images_batch, method, amp)
+            excluded_seconds += time.perf_counter() - warm_up_started
+        logits, gflops, tokens, seconds = _forward(loaded, images_batch, None, amp)
+        baseline.add(logits, labels, gflops, tokens)
+        baseline_seconds += seconds
+        if method is None:
+            merged.add(logits, labels, gflops, tokens)
+            model_seconds += seconds
+        else:
+            excluded_seconds += seconds
+            logits, gflops, tokens, seconds = _forward(loaded, images_batch, method, amp)
+            merged.add(logits, labels, gflops, tokens)
+            model_seconds += seconds
+        if progress is not None:
+            progress(merged.n_images + images.skipped, total)
+    if not merged.batch_sizes:
+        raise UsageError(f"no readable image in {images.root} ({images.skipped} unreadable)")
+    name, params = describe_method(method, len(loaded.model.blocks))
+    return EvalReport(
+        model=loaded.name,
+        model_tag=loaded.tag,
+        checkpoint_sha256=loaded.checkpoint_sha256,
+        method=name,
+        params=params,
+        batch_size=batch_size,
+        device=str(loaded.device),
+        amp=amp,
+        workers=workers,
+        data=str(images.root),
+        data_fingerprint=images.fingerprint,
+        skipped_images=images.skipped,
+        merged=merged,
+        baseline=baseline,
+        model_seconds=model_seconds,
+        baseline_model_seconds=baseline_seconds,
+        end_to_end_seconds=time.perf_counter() - started - excluded_seconds,
+    )
