@@ -1,4 +1,4 @@
-"""`atm stress`: the search's promise (the step found passes, the next fails) against independent runs."""
+"""`atm stress` and `atm compare`: the searches' promises checked against independent runs of the model."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import torch
 from timm.utils import accuracy
 from typer.testing import CliRunner
 
+from atm_cli.analysis.compare import compare
 from atm_cli.analysis.stress import largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app
 from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
@@ -117,3 +118,30 @@ def test_stress_cli_rejects_unknown_method_in_one_line():
     result = CliRunner().invoke(app, ["stress", "--methods", "tome,evit", "--no-pretrained", "--limit", "4"])
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "evit" in result.stderr
+
+
+def test_compare_takes_the_least_tome_r_within_each_budget(demo, batches):
+    budgets = [0.8, 0.6]
+    report = compare(demo, batches, methods=["tome", "tome-decreasing"], budgets=budgets)
+    assert len(report.points) == 4
+    for point in report.points:
+        assert point.gflops <= point.budget_gflops == pytest.approx(point.budget * demo.unmerged_gflops)
+    for budget in budgets:
+        point = report.point("tome", budget)
+        r = point.params["r"]
+        top1, gflops = direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r))
+        assert (point.top1, point.gflops) == (pytest.approx(top1), pytest.approx(gflops))
+        _, more_gflops = direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r - 1))
+        assert more_gflops > point.budget_gflops  # one token fewer per block would not fit
+
+
+def test_compare_cli_json_and_plot(demo, tmp_path):
+    pytest.importorskip("matplotlib", reason="plots are the optional atm-cli[plot] extra")
+    plot = tmp_path / "compare.png"
+    result = CliRunner().invoke(app, ["compare", "--methods", "tome", "--budgets", "70", "--limit", str(LIMIT),
+                                      "--batch-size", str(BATCH), "--plot", str(plot), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    point, = report["points"]
+    assert point["method"] == "tome" and point["gflops"] <= 0.7 * report["baseline_gflops"]
+    assert plot.stat().st_size > 1000

@@ -223,12 +223,8 @@ def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, toler
 
     The paper's ranges, with beta from 0: ATM's family then holds the constant thresholds it is compared with.
     """
-    import optuna
+    from ..calibration import SearchSpace, search_no_drop
 
-    from ..calibration import SearchSpace
-    from ..calibration.calibrate import search_no_drop
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the layers below the CLI do not print
     space = SearchSpace(beta=(0.0, SearchSpace().beta[1]))
     found = search_no_drop(loaded, batches, baseline, tolerance=tolerance, n_trials=n_trials, seed=seed, space=space)
     trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -38,6 +39,7 @@ def command(
     names = options.methods_list(methods)
     shares = [value / 100.0 for value in options.floats_list(budgets, "--budgets")]
     options.check_plot(plot)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device)

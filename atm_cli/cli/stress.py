@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +38,7 @@ def command(
     Every method sees the same batches. The settings are chosen on these images: re-check them on others.
     """
     names = options.methods_list(methods)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device)
