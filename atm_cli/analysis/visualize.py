@@ -27,7 +27,7 @@ from .compare import least_merging_within
 from .plotting import pyplot, save_figure
 from .stress import ladders
 
-PANEL_PIXELS = 192  # about this many pixels a side for each picture
+PANEL_PIXELS = 128  # about this many pixels a side for each picture
 CAPTION_PIXELS = 20
 MARGIN_PIXELS = 8
 BORDER_COLOUR = (20, 20, 20)
@@ -200,7 +200,7 @@ def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MergeCon
             panels.append(panel)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
+    canvas.save(out, format="PNG", optimize=True)
     return Visualization(out, panels, {method_label(config): config for config in methods})
 
 

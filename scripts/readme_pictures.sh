@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Regenerates the README's "Stress test and pictures" figures on the embedded default model.
+# Needs the plot extra (pip install -e '.[plot]'); takes about 20 minutes on two CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=docs/images
+mkdir -p "$out"
+eval_dir=atm_cli/samples/cifar10-eval
+
+# simple to busy, as the paper's Fig. 7 orders them
+atm visualize "$eval_dir"/bird/0196.jpg "$eval_dir"/airplane/0870.jpg "$eval_dir"/dog/0655.jpg \
+    "$eval_dir"/deer/0401.jpg "$eval_dir"/frog/0403.jpg "$eval_dir"/truck/0265.jpg --with-tome \
+    --out "$out"/merged-regions.png
+atm probe --limit 256 --plot "$out"/probe.png
+atm compare --limit 500 --budgets 90,80,70,60 --plot "$out"/compare.png
+atm stress --limit 500 > "$out"/stress.json --json
+python - "$out"/tokens-per-block.png <<'PY'
+import sys
+from atm_cli.analysis.visualize import plot_eval_tokens
+from atm_cli.cli.method_options import MethodFlags
+from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder, load_model
+
+loaded = load_model()
+method = MethodFlags().resolve(loaded.name).config
+report = evaluate(loaded, load_image_folder(DEMO_EVAL_DATA, loaded, limit=500), method, batch_size=128, workers=0)
+plot_eval_tokens(report, method, sys.argv[1])
+PY
