@@ -3,8 +3,10 @@
 Every trial runs the same batches in the same order and reports its running value to Optuna
 after each batch. It is pruned as soon as it cannot win, or is unlikely to:
 
-- its GFLOPs over the batches seen exceed the budget (checked from the first `probe_batches`
-  batches on: GFLOPs settle after a batch or two, so no accuracy is computed on the rest);
+- its GFLOPs exceed the budget, estimated from the first `probe_batches` batches on, so no
+  accuracy is computed on the rest. Batches differ in GFLOPs (r adapts to their images) but
+  alike for every setting, so the estimate scales the running GFLOPs by how the same batches
+  compared with the whole set in complete trials, and allows for the spread of that ratio;
 - (budget) even all remaining images right could not reach the best trial's top-1; or Optuna's
   successive-halving pruner finds its running top-1 in the lower part of the trials that saw the
   same images (all trials see the same batches in the same order, so running top-1s compare);
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import math
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,11 +41,15 @@ from .space import DIGITS, SearchSpace
 
 # A trial trailing its reference by more than Z_PRUNE * sqrt(images where they differ) is stopped.
 Z_PRUNE = 2.0
-# Budget checks on part of the data allow this relative slack (a batch's GFLOPs vary a little).
+# GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
+# ratios complete trials showed; before any trial completes, by UNPROFILED_SLACK (a batch of
+# CIFAR-10 images has been seen 16% off its set's mean).
 GFLOPS_SLACK = 0.01
+UNPROFILED_SLACK = 0.2
 CONSTRAINT = "goal"  # the name of the one constraint each trial records
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SETUP_ATTR = "atm_setup"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class Finished:
     feasible: bool | None
     reason: str | None = None  # why it was pruned
     correct: np.ndarray | None = None  # per image, complete trials only
+    batch_gflops: list[float] | None = None  # per batch, complete trials only
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> Finished:
@@ -130,7 +139,8 @@ class Finished:
                    top1=attrs.get("top1"), top5=attrs.get("top5"), gflops=attrs.get("gflops"),
                    images=attrs.get("images", 0), feasible=None if constraint is None else constraint <= 0,
                    reason=attrs.get("pruned_because"),
-                   correct=unpack_bits(attrs["correct"], attrs["images"]) if "correct" in attrs else None)
+                   correct=unpack_bits(attrs["correct"], attrs["images"]) if "correct" in attrs else None,
+                   batch_gflops=attrs.get("batch_gflops"))
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,22 @@ class Verdict:
     constraint: float | None  # the constraint value the pruned trial records (None: unknown)
 
 
+@dataclass(frozen=True)
+class Standing:
+    """Where a running trial stands after a batch."""
+
+    tally: Tally
+    total: int  # images in the whole set
+    reference: Tally  # the unmerged model on the whole set
+    incumbent: Finished | None
+    gflops: float | None  # estimated over the whole set (None until probe_batches batches ran)
+    slack: float  # relative error allowed for that estimate
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.tally.n_images
+
+
 class Goal(Protocol):
     direction: str
 
@@ -158,8 +184,7 @@ class Goal(Protocol):
     def value(self, tally: Tally) -> float: ...
     def constraint(self, tally: Tally, reference: Tally) -> float: ...
     def rank(self, trial: Finished) -> tuple: ...
-    def verdict(self, tally: Tally, total: int, incumbent: Finished | None, reference: Tally,
-                probed: bool) -> Verdict | None: ...
+    def verdict(self, standing: Standing) -> Verdict | None: ...
 
 
 def _trails(correct: np.ndarray, reference: np.ndarray, allowed: float = 0.0) -> tuple[int, int, bool]:
@@ -192,17 +217,14 @@ class BudgetGoal:
     def rank(self, trial: Finished) -> tuple:
         return -trial.top1, trial.gflops, trial.number
 
-    def verdict(self, tally, total, incumbent, reference, probed):
-        gflops = tally.gflops
-        if probed and gflops > self.target_gflops * (1 + GFLOPS_SLACK):
-            return Verdict(f"{gflops:.4g} GFLOPs on its first {tally.n_images} images, over the budget",
-                           gflops - self.target_gflops)
-        if incumbent is None:
-            return None
-        seen = tally.n_images
-        if tally.n_correct + (total - seen) < incumbent.correct.sum():
-            return Verdict(f"cannot reach trial {incumbent.number}'s top-1 even with every remaining image right",
-                           gflops - self.target_gflops)
+    def verdict(self, standing: Standing) -> Verdict | None:
+        estimate, tally, best = standing.gflops, standing.tally, standing.incumbent
+        if estimate is not None and estimate > self.target_gflops * (1 + standing.slack):
+            return Verdict(f"an estimated {estimate:.4g} GFLOPs after {tally.n_images} images, over the budget",
+                           estimate - self.target_gflops)
+        if best is not None and tally.n_correct + standing.remaining < best.correct.sum():
+            return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right",
+                           (estimate or tally.gflops) - self.target_gflops)
         return None
 
 
@@ -231,16 +253,17 @@ class NoDropGoal:
     def rank(self, trial: Finished) -> tuple:
         return trial.gflops, -trial.top1, trial.number
 
-    def verdict(self, tally, total, incumbent, reference, probed):
+    def verdict(self, standing: Standing) -> Verdict | None:
+        tally, best, reference, total = standing.tally, standing.incumbent, standing.reference, standing.total
         seen = tally.n_images
-        if probed and incumbent is not None and tally.gflops > incumbent.gflops:
-            return Verdict(f"{tally.gflops:.4g} GFLOPs on its first {seen} images, more than trial "
-                           f"{incumbent.number}'s {incumbent.gflops:.4g}", None)
-        allowed_total = self.tolerance * total / 100
-        needed = reference.correct.sum() - allowed_total
-        if tally.n_correct + (total - seen) < needed:
+        # Not an improvement unless cheaper than the best so far: no slack, a near-tie is not worth a full run.
+        if best is not None and standing.gflops is not None and standing.gflops > best.gflops:
+            return Verdict(f"an estimated {standing.gflops:.4g} GFLOPs after {seen} images, more than trial "
+                           f"{best.number}'s {best.gflops:.4g}", None)
+        needed = reference.n_correct - self.tolerance * total / 100
+        if tally.n_correct + standing.remaining < needed:
             return Verdict(f"{seen - tally.n_correct} wrong images already exceed the tolerance",
-                           (needed - tally.n_correct - (total - seen)) * 100 / total)
+                           (needed - tally.n_correct - standing.remaining) * 100 / total)
         lost, differ, trails = _trails(tally.correct, reference.correct[:seen], self.tolerance * seen / 100)
         if trails:
             return Verdict(f"loses {lost} of the {differ} images where it differs from the unmerged model "
@@ -314,22 +337,42 @@ class Search:
         self.trials_run = 0
         self._decoded: dict[int, Finished] = {}
 
-    def incumbent(self, study: optuna.Study) -> Finished | None:
-        """The best feasible complete trial so far (from the storage: other processes' trials count)."""
-        best = None
+    def complete_trials(self, study: optuna.Study) -> list[Finished]:
+        """Complete trials with their per-image results (from the storage: every process's count)."""
+        complete = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.constraints.get(CONSTRAINT, 1.0) > 0 or "correct" not in trial.user_attrs:
-                continue
-            if trial.number not in self._decoded:
-                self._decoded[trial.number] = Finished.of(trial)
-            candidate = self._decoded[trial.number]
-            if best is None or self.goal.rank(candidate) < self.goal.rank(best):
-                best = candidate
-        return best
+            if "correct" in trial.user_attrs:
+                if trial.number not in self._decoded:
+                    self._decoded[trial.number] = Finished.of(trial)
+                complete.append(self._decoded[trial.number])
+        return complete
+
+    def incumbent(self, study: optuna.Study) -> Finished | None:
+        """The best feasible complete trial so far."""
+        feasible = [t for t in self.complete_trials(study) if t.feasible]
+        return min(feasible, key=self.goal.rank) if feasible else None
+
+    def gflops_ratios(self, study: optuna.Study) -> np.ndarray:
+        """Per complete trial (rows): its running GFLOPs after 1, 2, ... batches over its GFLOPs on all."""
+        sizes = np.array([o.n for o in self.reference.outcomes])
+        rows = [np.cumsum(sizes * np.array(t.batch_gflops)) / np.cumsum(sizes) / t.gflops
+                for t in self.complete_trials(study)]
+        return np.array(rows).reshape(len(rows), len(sizes))
+
+    def estimate_gflops(self, tally: Tally, ratios: np.ndarray) -> tuple[float | None, float]:
+        """The trial's GFLOPs over all batches, estimated from those seen, and the relative slack it needs."""
+        seen = len(tally.outcomes)
+        if seen < self.probe_batches:
+            return None, 0.0
+        if not len(ratios):
+            return tally.gflops, UNPROFILED_SLACK
+        at_seen = ratios[:, seen - 1]
+        return tally.gflops / at_seen.mean(), GFLOPS_SLACK + 2 * at_seen.std()
 
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial, self.source.depth)
-        incumbent = self.incumbent(trial.study)
+        trial.set_user_attr("worker", WORKER)  # which process ran it, when several share the study
+        incumbent, ratios = self.incumbent(trial.study), self.gflops_ratios(trial.study)
         tally = Tally()
         for index in range(self.source.n_batches):
             outcome = self.source.run(config, index)
@@ -337,8 +380,8 @@ class Search:
             tally.add(outcome)
             if index + 1 == self.source.n_batches:
                 break
-            verdict = self.goal.verdict(tally, self.total, incumbent, self.reference,
-                                        probed=index + 1 >= self.probe_batches)
+            estimate, slack = self.estimate_gflops(tally, ratios)
+            verdict = self.goal.verdict(Standing(tally, self.total, self.reference, incumbent, estimate, slack))
             trial.report(self.goal.value(tally), index + 1)
             # The pruner only ever sees trials that passed verdict(), i.e. met the budget so far.
             if verdict is None and trial.should_prune():
@@ -352,6 +395,7 @@ class Search:
                 raise optuna.TrialPruned(verdict.reason)
         self._record(trial, tally)
         trial.set_user_attr("correct", pack_bits(tally.correct))
+        trial.set_user_attr("batch_gflops", [o.gflops for o in tally.outcomes])
         trial.set_constraint(CONSTRAINT, self.goal.constraint(tally, self.reference))
         return self.goal.value(tally)
 
