@@ -6,11 +6,15 @@ A command module exposes either `command` (a function, registered under the modu
 from __future__ import annotations
 
 import importlib
+import logging
 
 import typer
 from typer.core import TyperGroup
 
 from atm_cli.errors import AtmError
+
+# The hub logs every retry of a download that cannot work offline; the one error line after it says enough.
+logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 COMMANDS = (
     "eval",
