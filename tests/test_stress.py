@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from atm_cli.analysis.compare import compare
 from atm_cli.analysis.stress import largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app
-from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
 from atm_cli.evaluation import DEMO_EVAL_DATA, BatchRun, load_image_folder, load_model, preload
 from atm_cli.models import DEMO_WEIGHTS
 
@@ -133,6 +133,16 @@ def test_compare_takes_the_least_tome_r_within_each_budget(demo, batches):
         assert (point.top1, point.gflops) == (pytest.approx(top1), pytest.approx(gflops))
         _, more_gflops = direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r - 1))
         assert more_gflops > point.budget_gflops  # one token fewer per block would not fit
+
+
+def test_compare_atm_point_is_what_its_setting_gives(demo, batches):
+    report = compare(demo, batches, methods=["atm"], budgets=[0.7], n_trials=4)
+    point, = report.points
+    assert point.top1 is not None, "the paper's ranges reach 70% of the demo model's GFLOPs"
+    assert point.gflops <= 0.7 * demo.unmerged_gflops
+    setting = {name: point.params[name] for name in ("alpha", "beta", "theta_min", "split_layer")}
+    top1, gflops = direct_top1_and_gflops(demo.model, batches, ATMConfig(**setting))
+    assert (point.top1, point.gflops) == (pytest.approx(top1), pytest.approx(gflops))
 
 
 def test_compare_cli_json_and_plot(demo, tmp_path):

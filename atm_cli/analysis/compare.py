@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evaluation import BatchRun, LoadedModel, run_batches
+from ..engine import ATMConfig
+from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
 from .plotting import pyplot, save_figure
-from .stress import METHODS, Batches, Ladder, check_methods, ladders
+from .stress import METHODS, Batches, Ladder, check_methods, ladders, stress_space
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -114,13 +115,25 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
 
 def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget: float, budget_gflops: float,
                n_trials: int, seed: int) -> ComparePoint:
-    """ATM: the calibration's best top-1 with GFLOPs <= the budget."""
-    from ..calibration import search_target_gflops
+    """ATM: the calibration search's best top-1 with GFLOPs <= the budget (its ranges as in `stress`).
 
-    found = search_target_gflops(loaded, batches, baseline, target_gflops=budget_gflops, n_trials=n_trials, seed=seed)
-    if found is None:
+    Composed from the calibration's parts, as its `search_no_drop` is for the no-drop goal.
+    """
+    from ..calibration import BudgetGoal, ModelBatches, Search, reachable_gflops
+    from ..calibration.calibrate import PROBE_BATCHES, tally_of
+    from ..calibration.study import open_study
+
+    source, space = ModelBatches(loaded, batches), stress_space()
+    lowest, _, _ = reachable_gflops(source, space)
+    if budget_gflops < lowest:
         return ComparePoint("atm", budget, budget_gflops, None, None, None)
-    return ComparePoint("atm", budget, budget_gflops, found.top1, found.gflops, dict(found.params))
+    goal = BudgetGoal(budget_gflops)
+    search = Search(source, tally_of(baseline, batches), goal, space, PROBE_BATCHES)
+    found = search.run(open_study(None, None, goal, {}, seed, n_trials), n_trials)
+    if found.best is None:
+        return ComparePoint("atm", budget, budget_gflops, None, None, None)
+    _, params = describe_method(ATMConfig(**found.best.params), len(loaded.model.blocks))
+    return ComparePoint("atm", budget, budget_gflops, found.best.top1, found.best.gflops, params)
 
 
 def plot_compare(report: CompareReport, path: str | Path, title: str = "") -> Path:

@@ -217,16 +217,20 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
     return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results)
 
 
+def stress_space():
+    """The paper's ranges with beta from 0: ATM's family then holds the constant thresholds it is compared with."""
+    from ..calibration import SearchSpace
+
+    return SearchSpace(beta=(0.0, SearchSpace().beta[1]))
+
+
 def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, tolerance: float, n_trials: int,
                 seed: int) -> MethodResult:
-    """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min); no merging if no trial passed.
+    """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min); no merging if no trial passed."""
+    from ..calibration import search_no_drop
 
-    The paper's ranges, with beta from 0: ATM's family then holds the constant thresholds it is compared with.
-    """
-    from ..calibration import SearchSpace, search_no_drop
-
-    space = SearchSpace(beta=(0.0, SearchSpace().beta[1]))
-    found = search_no_drop(loaded, batches, baseline, tolerance=tolerance, n_trials=n_trials, seed=seed, space=space)
+    found = search_no_drop(loaded, batches, baseline, tolerance=tolerance, n_trials=n_trials, seed=seed,
+                           space=stress_space())
     trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)
               for t in found.trials if t.top1 is not None]
     result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", baseline.top1, baseline.gflops, {},
