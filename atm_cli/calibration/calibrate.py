@@ -76,8 +76,24 @@ def search_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, to
     """
     goal = NoDropGoal(tolerance)
     search = Search(ModelBatches(loaded, batches), tally_of(baseline, batches), goal, space, PROBE_BATCHES)
-    study = open_study(None, None, goal, {}, seed, n_trials, goal.pruner(PROBE_BATCHES))
+    study = open_study(None, None, goal, {}, seed, n_trials)
     known = _known_good(loaded, goal, None) if known_good is None else known_good
+    return search.run(study, n_trials, timeout, known, on_trial)
+
+
+def search_budget(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget_gflops: float,
+                  n_trials: int = 30, seed: int | None = 0, space: SearchSpace = SearchSpace(),
+                  timeout: float | None = None, known_good: Sequence[ATMConfig] | None = None,
+                  on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
+    """The ATM setting with the best top-1 on `batches` among those with GFLOPs <= `budget_gflops`.
+
+    As `search_no_drop`, with the budget as the goal (the caller checks it against `reachable_gflops`).
+    """
+    goal = BudgetGoal(budget_gflops)
+    reference = tally_of(baseline, batches)
+    search = Search(ModelBatches(loaded, batches), reference, goal, space, PROBE_BATCHES)
+    study = open_study(None, None, goal, {}, seed, n_trials)
+    known = _known_good(loaded, goal, reference.gflops) if known_good is None else known_good
     return search.run(study, n_trials, timeout, known, on_trial)
 
 
@@ -233,8 +249,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     source = ModelBatches(loaded, batches)
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
              "batch_size": request.batch_size, "goal": goal.describe(), "space": request.space.to_dict()}
-    study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials,
-                       goal.pruner(PROBE_BATCHES))
+    study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)
 
     forward_passes = 0
     cached = study.user_attrs.get(REFERENCE_ATTR)

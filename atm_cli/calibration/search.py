@@ -7,13 +7,16 @@ after each batch. It is pruned as soon as it cannot win, or is unlikely to:
   accuracy is computed on the rest. Batches differ in GFLOPs (r adapts to their images) but
   alike for every setting, so the estimate scales the running GFLOPs by how the same batches
   compared with the whole set in complete trials, and allows for the spread of that ratio;
-- (budget) even all remaining images right could not reach the best trial's top-1; or Optuna's
-  successive-halving pruner finds its running top-1 in the lower part of the trials that saw the
-  same images (all trials see the same batches in the same order, so running top-1s compare);
+- (budget) even all remaining images right could not reach the best trial's top-1; or, on the
+  images seen, it trails the best trial by more than Z_BUDGET standard deviations of a sign test
+  over the images where the two differ (a pruned near-tie costs little: the best stays);
 - (no-drop) it already uses more GFLOPs than the best trial; or its wrong images already exceed
   what the tolerance allows even if every remaining image were right; or it trails the unmerged
-  model on the images seen by more than a sign test allows (Z_PRUNE standard deviations of the
-  images on which the two differ).
+  model by more than Z_NO_DROP standard deviations of the same sign test (stricter: a wrongly
+  pruned trial here would have been a cheaper setting).
+
+Comparisons with the best trial start once a trial has met the goal on every image, so the
+first feasible trials always run to the end.
 
 Pruning only decides which trials run to the end; every reported figure comes from a trial run
 on every batch. The budget and the accuracy floor are Optuna constraints (`set_constraint`),
@@ -39,8 +42,9 @@ from atm_cli.evaluation import BatchRun
 
 from .space import DIGITS, SearchSpace
 
-# A trial trailing its reference by more than Z_PRUNE * sqrt(images where they differ) is stopped.
-Z_PRUNE = 2.0
+# A trial trailing its reference by more than Z * sqrt(images where they differ) is stopped.
+Z_BUDGET = 1.0
+Z_NO_DROP = 2.0
 # GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
 # ratios complete trials showed; before any trial completes, by UNPROFILED_SLACK (a batch of
 # CIFAR-10 images has been seen 16% off its set's mean).
@@ -178,8 +182,6 @@ class Standing:
 class Goal(Protocol):
     direction: str
 
-    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner: ...
-
     def describe(self) -> str: ...
     def value(self, tally: Tally) -> float: ...
     def constraint(self, tally: Tally, reference: Tally) -> float: ...
@@ -187,11 +189,11 @@ class Goal(Protocol):
     def verdict(self, standing: Standing) -> Verdict | None: ...
 
 
-def _trails(correct: np.ndarray, reference: np.ndarray, allowed: float = 0.0) -> tuple[int, int, bool]:
+def _trails(correct: np.ndarray, reference: np.ndarray, z: float, allowed: float = 0.0) -> tuple[int, int, bool]:
     """Images lost against `reference` on the same images, images where they differ, and the sign test."""
     lost = int(reference.sum()) - int(correct.sum())
     differ = int((correct != reference).sum())
-    return lost, differ, lost - allowed > 0 and lost - allowed > Z_PRUNE * math.sqrt(differ)
+    return lost, differ, lost - allowed > 0 and lost - allowed > z * math.sqrt(differ)
 
 
 @dataclass(frozen=True)
@@ -203,10 +205,6 @@ class BudgetGoal:
 
     def describe(self) -> str:
         return f"max top-1 subject to GFLOPs <= {self.target_gflops:.4g}"
-
-    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner:
-        # Rungs after probe_batches, 2x, 4x ... batches; the better half of each rung goes on.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=probe_batches, reduction_factor=2)
 
     def value(self, tally: Tally) -> float:
         return tally.top1
@@ -222,9 +220,15 @@ class BudgetGoal:
         if estimate is not None and estimate > self.target_gflops * (1 + standing.slack):
             return Verdict(f"an estimated {estimate:.4g} GFLOPs after {tally.n_images} images, over the budget",
                            estimate - self.target_gflops)
-        if best is not None and tally.n_correct + standing.remaining < best.correct.sum():
-            return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right",
-                           (estimate or tally.gflops) - self.target_gflops)
+        if best is None:
+            return None
+        over = (estimate or tally.gflops) - self.target_gflops
+        if tally.n_correct + standing.remaining < best.correct.sum():
+            return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right", over)
+        lost, differ, trails = _trails(tally.correct, best.correct[:tally.n_images], Z_BUDGET)
+        if trails:
+            return Verdict(f"trails trial {best.number} by {lost} of the {differ} images where they differ "
+                           f"(after {tally.n_images} images)", over)
         return None
 
 
@@ -237,10 +241,6 @@ class NoDropGoal:
 
     def describe(self) -> str:
         return f"min GFLOPs subject to top-1 >= unmerged - {self.tolerance:g}"
-
-    def pruner(self, probe_batches: int) -> optuna.pruners.BasePruner:
-        # Running GFLOPs say nothing of the accuracy floor; verdict() does the pruning.
-        return optuna.pruners.NopPruner()
 
     def value(self, tally: Tally) -> float:
         return tally.gflops
@@ -264,7 +264,7 @@ class NoDropGoal:
         if tally.n_correct + standing.remaining < needed:
             return Verdict(f"{seen - tally.n_correct} wrong images already exceed the tolerance",
                            (needed - tally.n_correct - standing.remaining) * 100 / total)
-        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], self.tolerance * seen / 100)
+        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], Z_NO_DROP, self.tolerance * seen / 100)
         if trails:
             return Verdict(f"loses {lost} of the {differ} images where it differs from the unmerged model "
                            f"(after {seen} images)", self.constraint(tally, reference))
@@ -382,11 +382,7 @@ class Search:
                 break
             estimate, slack = self.estimate_gflops(tally, ratios)
             verdict = self.goal.verdict(Standing(tally, self.total, self.reference, incumbent, estimate, slack))
-            trial.report(self.goal.value(tally), index + 1)
-            # The pruner only ever sees trials that passed verdict(), i.e. met the budget so far.
-            if verdict is None and trial.should_prune():
-                verdict = Verdict("in the lower half of the trials that saw these images",
-                                  self.goal.constraint(tally, self.reference))
+            trial.report(self.goal.value(tally), index + 1)  # the sampler ranks pruned trials by it
             if verdict is not None:
                 self._record(trial, tally)
                 trial.set_user_attr("pruned_because", verdict.reason)

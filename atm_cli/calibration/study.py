@@ -25,7 +25,9 @@ def open_storage(url_or_path: str | None) -> BaseStorage | None:
         return None
     try:
         if "://" in url_or_path:
-            return RDBStorage(url_or_path, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url_or_path, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
         path = Path(url_or_path)
         if path.is_dir() or not path.parent.is_dir():
             raise OSError(f"{path} is a folder" if path.is_dir() else f"folder {path.parent} does not exist")
@@ -36,7 +38,7 @@ def open_storage(url_or_path: str | None) -> BaseStorage | None:
 
 
 def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, setup: dict[str, Any],
-               seed: int | None, n_trials: int, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+               seed: int | None, n_trials: int) -> optuna.Study:
     """Create the study, or load it when it exists and was started with the same setup."""
     setup = json.loads(json.dumps(setup))  # as the storage returns it (tuples become lists)
     existing = None
@@ -57,8 +59,9 @@ def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, 
             constant_liar=True,  # processes sharing the study avoid each other's running trials
             n_startup_trials=min(10, max(4, n_trials // 4)),
         )
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner,
-                                direction=goal.direction, load_if_exists=True)
+    # Trials prune themselves (Search.objective); no Optuna pruner is consulted.
+    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                pruner=optuna.pruners.NopPruner(), direction=goal.direction, load_if_exists=True)
     if existing is None:
         _check_same_setup(study, study_name, setup)  # another process may have created it meanwhile
         study.set_user_attr(SETUP_ATTR, setup)

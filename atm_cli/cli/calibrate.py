@@ -97,7 +97,8 @@ def command(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=True) as bar:
+        # Off when stderr is not a terminal: a finished live display would leave a blank line in logs.
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("starting", total=n_trials, best="")
 
             def on_trial(event: TrialEvent) -> None:

@@ -1,0 +1,358 @@
+"""`atm calibrate`: the search's constraints, pruning and accounting, resuming, several processes, the preset."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from timm.models import save_for_hf
+from typer.testing import CliRunner
+
+from atm_cli.calibration import (BatchOutcome, BudgetGoal, NoDropGoal, Search, SearchSpace, Tally, calibrate,
+                                 reachable_gflops)
+from atm_cli.calibration.calibrate import CalibrationRequest
+from atm_cli.calibration.search import GFLOPS_SLACK, check_budget
+from atm_cli.calibration.study import open_storage, open_study
+from atm_cli.cli.app import app
+from atm_cli.engine import ATMConfig, threshold_schedule
+from atm_cli.errors import UsageError
+from atm_cli.presets import load_preset
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class HandBuilt:
+    """A stand-in for a model on fixed batches, with accuracy and GFLOPs given by formulas.
+
+    Merging strength s grows as the thresholds fall. GFLOPs fall with s, and each batch has its
+    own fixed factor (batches differ in GFLOPs alike for every setting, as real ones do). Image i
+    is right when its robustness u_i clears a bar that rises with s, with a setting-dependent
+    wobble so that settings disagree on images in both directions.
+    """
+
+    depth = 12
+
+    def __init__(self, n_images: int = 600, batch_size: int = 50, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.u = rng.random(n_images)
+        self.sizes = [min(batch_size, n_images - start) for start in range(0, n_images, batch_size)]
+        self.n_batches = len(self.sizes)
+        self.batch_factor = 1 + rng.uniform(-0.15, 0.15, self.n_batches)
+        self.images_run = 0
+
+    def strength(self, config: ATMConfig | None) -> float:
+        return 0.0 if config is None else 1.0 - float(np.mean(threshold_schedule(config, self.depth)))
+
+    def correct(self, config: ATMConfig | None, index: int) -> np.ndarray:
+        start = sum(self.sizes[:index])
+        u = self.u[start:start + self.sizes[index]]
+        s = self.strength(config)
+        return u + 0.02 * np.sin(1000 * s * u) > 0.25 + 1.5 * s ** 2
+
+    def gflops(self, config: ATMConfig | None, index: int) -> float:
+        return (1.0 - 3.0 * self.strength(config)) * self.batch_factor[index]
+
+    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
+        self.images_run += self.sizes[index]
+        correct = self.correct(config, index)
+        return BatchOutcome(correct=correct, correct5=int(correct.sum()), gflops=self.gflops(config, index))
+
+    def full(self, config: ATMConfig | None) -> tuple[float, float]:
+        """Top-1 and GFLOPs of a setting on every image, computed directly (not through the search)."""
+        right = sum(int(self.correct(config, i).sum()) for i in range(self.n_batches))
+        gflops = sum(n * self.gflops(config, i) for i, n in enumerate(self.sizes)) / sum(self.sizes)
+        return 100.0 * right / sum(self.sizes), gflops
+
+
+def reference_of(source: HandBuilt) -> Tally:
+    tally = Tally()
+    for index in range(source.n_batches):
+        tally.add(source.run(None, index))
+    source.images_run = 0
+    return tally
+
+
+def run_search(source, goal, n_trials=24, storage=None, study_name=None, seed=0, known_good=(), setup=None):
+    """The search, its study and its result, on the hand-built stand-in."""
+    search = Search(source, reference_of(source), goal, SearchSpace(), probe_batches=1)
+    study = open_study(storage, study_name, goal, setup or {}, seed, n_trials)
+    return search, study, search.run(study, n_trials, known_good=known_good)
+
+
+def config_of(params: dict) -> ATMConfig:
+    return ATMConfig(alpha=params["alpha"], beta=params["beta"], theta_min=params["theta_min"])
+
+
+def test_budget_is_a_constraint_every_feasible_trial_meets():
+    source = HandBuilt()
+    target = 0.7
+    _, study, result = run_search(source, BudgetGoal(target))
+    complete = [t for t in result.trials if t.state == "complete"]
+    assert complete and any(t.state == "pruned" for t in result.trials)
+    for trial in complete:
+        top1, gflops = source.full(config_of(trial.params))
+        assert trial.top1 == pytest.approx(top1) and trial.gflops == pytest.approx(gflops)
+        assert trial.feasible == (gflops <= target)
+    feasible = [t for t in complete if t.feasible]
+    best = max(feasible, key=lambda t: (t.top1, -t.gflops))
+    assert result.best.number == best.number and result.gflops <= target
+    # The budget is an Optuna constraint on each trial; the value stays the plain top-1 (no penalty).
+    for frozen in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert frozen.constraints["goal"] == pytest.approx(frozen.user_attrs["gflops"] - target)
+        assert frozen.value == frozen.user_attrs["top1"]
+
+
+def test_no_drop_respects_the_floor_and_certain_failures_really_fail():
+    source = HandBuilt()
+    reference = reference_of(source)
+    tolerance = 0.5
+    floor = reference.top1 - tolerance
+    _, _, result = run_search(source, NoDropGoal(tolerance), n_trials=30)
+    complete = [t for t in result.trials if t.state == "complete"]
+    for trial in complete:
+        top1, _ = source.full(config_of(trial.params))
+        assert trial.feasible == (top1 >= floor - 1e-9)
+    assert result.top1 >= floor
+    assert result.gflops == min(t.gflops for t in complete if t.feasible)
+    for trial in result.trials:
+        if trial.reason and "already exceed the tolerance" in trial.reason:
+            assert source.full(config_of(trial.params))[0] < floor
+
+
+def test_forward_passes_are_counted_and_well_under_a_naive_search():
+    source = HandBuilt()
+    _, _, result = run_search(source, BudgetGoal(0.7), n_trials=30)
+    assert result.forward_passes == source.images_run  # the stand-in's own count
+    assert result.forward_passes == sum(t.images for t in result.trials)
+    assert result.naive_forward_passes == 2 * 30 * 600
+    assert result.forward_passes + 600 <= 0.25 * result.naive_forward_passes  # baseline once, trials cut short
+
+
+def test_known_good_settings_run_first():
+    known = ATMConfig(alpha=0.99, beta=0.04, theta_min=0.86)
+    _, _, result = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=3, known_good=[known])
+    assert config_of(result.trials[0].params) == known
+
+
+def test_gflops_estimate_scales_by_complete_trials_batch_profiles():
+    source = HandBuilt()
+    search, study, _ = run_search(source, BudgetGoal(0.7), n_trials=12)
+    config = ATMConfig(alpha=0.95, beta=0.05, theta_min=0.8)
+    tally = Tally([source.run(config, 0)])
+    true = source.full(config)[1]
+    mean_factor = np.dot(source.sizes, source.batch_factor) / sum(source.sizes)
+    assert tally.gflops / true == pytest.approx(source.batch_factor[0] / mean_factor)  # one batch alone is off
+    estimate, slack = search.estimate_gflops(tally, search.gflops_ratios(study))
+    assert estimate == pytest.approx(true, rel=1e-9)  # every setting shares the batch factors here
+    assert slack == pytest.approx(GFLOPS_SLACK, abs=1e-9)  # no spread in the ratios: only the base slack
+
+
+def test_resume_in_process_keeps_finished_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'calib.db'}"
+    setup = {"data": "abc"}
+    _, _, first = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=6, storage=open_storage(storage),
+                             study_name="s", setup=setup)
+    _, _, second = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=10, storage=open_storage(storage),
+                           study_name="s", setup=setup)
+    assert len(second.trials) == 10 and second.trials_run == 4
+    assert [(t.number, t.params, t.top1) for t in second.trials[:6]] == [(t.number, t.params, t.top1) for t in first.trials]
+    with pytest.raises(UsageError, match="started with another data"):
+        run_search(HandBuilt(), BudgetGoal(0.7), n_trials=10, storage=open_storage(storage), study_name="s",
+                   setup={"data": "other"})
+
+
+def test_bad_ranges_budgets_and_storages_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="lies above the alpha range"):
+        SearchSpace(alpha=(0.9, 0.95), theta_min=(0.96, 0.99)).validate(12)
+    with pytest.raises(UsageError, match="is empty"):
+        SearchSpace(beta=(0.05, 0.01)).validate(12)
+    with pytest.raises(UsageError, match="--split-layer must lie in 0..12"):
+        SearchSpace(split_layer=13).validate(12)
+    source = HandBuilt()
+    low, high, images = reachable_gflops(source, SearchSpace())
+    assert images == 2 * source.sizes[0]
+    most, least = SearchSpace().extremes()
+    assert low == pytest.approx(source.gflops(most, 0)) and high == pytest.approx(source.gflops(least, 0))
+    with pytest.raises(UsageError, match=f"{low:.4g}-{high:.4g} GFLOPs"):
+        check_budget(low * 0.5, 1.0, (low, high))
+    with pytest.raises(UsageError, match="not below the unmerged model"):
+        check_budget(1.5, 1.0)
+    for bad in ("nosuchdialect://x", f"sqlite:///{tmp_path}/missing/dir/x.db", str(tmp_path / "missing" / "j.log")):
+        with pytest.raises(UsageError, match="cannot open the study storage"):
+            open_storage(bad)
+
+
+# A ViT small enough for seconds, with 64 patches so that merging has room, and images with flat
+# regions (many patches alike, as sky or background), so that merging happens at ATM's thresholds.
+TINY_ARGS = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=3)
+WIDE_RANGES = ["--alpha-range", "0.5,1.0", "--beta-range", "0.0,0.2", "--theta-min-range", "0.3,1.0", "--step", "0.01"]
+
+
+def write_flat_images(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in "abc":
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.zeros((32, 32, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
+            for _ in range(rng.integers(1, 5)):
+                y, x = rng.integers(0, 28, 2)
+                h, w = rng.integers(4, 16, 2)
+                pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calibrate")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_ARGS).eval()
+    save_for_hf(model, str(root / "model"), model_args=TINY_ARGS, safe_serialization=True)
+    return {"model": root / "model", "data": write_flat_images(root / "tune", 12, seed=1),
+            "eval": write_flat_images(root / "held-out", 8, seed=2)}
+
+
+def calibrate_args(tiny, *extra: str) -> list[str]:
+    return ["calibrate", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--batch-size", "8",
+            *WIDE_RANGES, *extra]
+
+
+def test_calibrate_cli_writes_a_preset_that_eval_reproduces(tiny, tmp_path):
+    preset_path = tmp_path / "tiny.yaml"
+    outcome = runner.invoke(app, calibrate_args(tiny, "--target-reduction", "20", "--n-trials", "8",
+                                                "--eval-data", str(tiny["eval"]), "--out", str(preset_path), "--json"))
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert {"params", "top1", "gflops", "baseline_top1", "baseline_gflops", "n_trials", "forward_passes",
+            "naive_forward_passes", "preset"} <= set(result)
+    assert result["preset"] == str(preset_path) and result["shared_images"] is False
+    assert result["tuning"]["gflops"] <= result["baseline_gflops"] * 0.8  # the budget held on the tuning images
+    preset = load_preset(preset_path, model_name="vit_tiny_patch16_224")
+    assert preset.measured.data_fingerprint and preset.provenance.tuning_data_fingerprint
+    assert preset.measured.data_fingerprint != preset.provenance.tuning_data_fingerprint
+    assert preset.params["alpha"] == result["params"]["alpha"]
+
+    evaluated = runner.invoke(app, ["eval", "--model", str(tiny["model"]), "--data", str(tiny["eval"]),
+                                    "--preset", str(preset_path), "--workers", "0", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    check = json.loads(evaluated.stdout)
+    assert check["batch_size"] == preset.batch_size == 8  # eval takes the preset's batch size
+    assert check["gflops"] == preset.measured.gflops == result["gflops"]  # exactly
+    assert check["top1"] == preset.measured.top1 and check["n_images"] == preset.measured.n_images
+    assert check["baseline_gflops"] == preset.measured.baseline_gflops
+    assert check["data_fingerprint"] == preset.measured.data_fingerprint
+
+
+def test_tuning_and_reporting_on_the_same_images_is_said(tiny):
+    outcome = runner.invoke(app, calibrate_args(tiny, "--no-drop", "--n-trials", "4", "--json"))
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert result["shared_images"] is True and result["top1"] >= result["baseline_top1"]
+    assert "tuned and reported on the same images" in outcome.stderr
+
+
+def test_forward_passes_match_a_count_of_the_model_own_calls(tiny, monkeypatch):
+    workflow = sys.modules["atm_cli.calibration.calibrate"]  # the module (the package's `calibrate` is its function)
+    counted = []
+    load_model = workflow.load_model
+
+    def load_and_count(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        loaded.model.register_forward_hook(lambda module, inputs, output: counted.append(len(inputs[0])))
+        return loaded
+
+    monkeypatch.setattr(workflow, "load_model", load_and_count)
+    request = CalibrationRequest(model=str(tiny["model"]), data=tiny["data"], eval_data=tiny["eval"],
+                                 target_reduction=20, n_trials=8, batch_size=8, space=SearchSpace(
+                                     alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01))
+    report = calibrate(request)
+    assert report.forward_passes + report.report_forward_passes == sum(counted)
+    assert report.report_forward_passes == 2 * 24  # the held-out images, merged and unmerged
+    assert report.result.naive_forward_passes == 2 * 8 * 36
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-reduction", "99"], "below what any setting in range reaches"),
+    (["--target-gflops", "1.0"], "not below the unmerged model"),
+    (["--no-drop", "--theta-min-range", "0.9,0.95", "--alpha-range", "0.5,0.6"], "lies above the alpha range"),
+    (["--no-drop", "--storage", "nosuchdialect://host/db"], "cannot open the study storage"),
+    ([], "give exactly one goal"),
+    (["--no-drop", "--target-reduction", "30"], "give exactly one goal"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny, flags, message):
+    outcome = runner.invoke(app, calibrate_args(tiny, "--n-trials", "2", *flags))
+    assert outcome.exit_code == 2, outcome.output
+    assert outcome.stderr.startswith("atm: error:") and outcome.stderr.count("\n") == 1
+    assert message in outcome.stderr
+
+
+def cli_process(tiny, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "atm_cli", *calibrate_args(tiny, "--target-reduction", "20",
+                                                                              "--json", *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def test_an_interrupted_search_resumes_with_its_trials(tiny, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'calib.db'}"
+    first = cli_process(tiny, "--storage", storage, "--study-name", "resume", "--n-trials", "1000")
+    deadline = time.time() + 300
+    while len(finished(storage, "resume")) < 3 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.kill()  # no chance to clean up, as with a power cut
+    first.wait()
+    before = {t.number: (t.params, t.value, t.state) for t in finished(storage, "resume")}
+    assert len(before) >= 3, first.stderr.read()
+
+    second = cli_process(tiny, "--storage", storage, "--study-name", "resume", "--n-trials", str(len(before) + 3))
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err
+    result = json.loads(out)
+    assert result["trials_run"] == 3 and result["n_trials"] == len(before) + 3
+    after = {t.number: (t.params, t.value, t.state) for t in finished(storage, "resume")}
+    assert {n: after[n] for n in before} == before  # every trial finished before the kill is kept as it was
+    every = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert len(every) - len(after) <= 1  # at most the trial in flight was lost
+    new = [t for t in finished(storage, "resume") if t.number not in before]
+    # The range check's two first batches and the new trials; the unmerged model's results came from the study.
+    assert result["forward_passes"] == 2 * 8 + sum(t.user_attrs["images"] for t in new)
+
+
+def test_two_processes_search_one_study_together(tiny, tmp_path):
+    journal = str(tmp_path / "calib.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    shared = ["--storage", journal, "--study-name", "shared", "--n-trials", "20"]
+    other = cli_process(tiny, *shared, "--seed", "1")
+    deadline = time.time() + 300
+    while not finished(storage, "shared") and time.time() < deadline and other.poll() is None:
+        time.sleep(0.05)
+    # This process joins the running one (its imports are done, so it starts at once).
+    here = runner.invoke(app, calibrate_args(tiny, "--target-reduction", "20", "--json", *shared, "--seed", "2"))
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0 and here.exit_code == 0, (err, here.output)
+    trials = finished(storage, "shared")
+    assert 20 <= len(trials) <= 21  # each process stops once the study holds 20 (one may be in flight then)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+    results = [json.loads(out), json.loads(here.stdout)]
+    assert sum(r["trials_run"] for r in results) == len(trials)
