@@ -178,9 +178,13 @@ def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int
 
 def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: BatchRun, needed: int,
           lookahead: int = LOOKAHEAD) -> MethodResult:
-    """The ladder's largest passing step by `largest_passing_step`, with every trial recorded."""
+    """The ladder's largest passing step by `largest_passing_step`, with every trial recorded.
+
+    Step 0 is taken to pass without a run (it merges nothing), but when it is the answer it is run:
+    its GFLOPs need not be the unmerged model's (ATM's last block keeps only the class token).
+    """
     result = MethodResult(ladder.method, ladder.description, baseline.top1, baseline.gflops, ladder.params(0))
-    runs: dict[int, BatchRun] = {0: baseline}
+    runs: dict[int, BatchRun] = {}
 
     def passes(step: int) -> bool:
         run, passed = run_until_hopeless(loaded, batches, ladder.config(step), needed)
@@ -190,6 +194,8 @@ def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: Batch
         return passed
 
     best = largest_passing_step(passes, ladder.top, lookahead)
+    if best not in runs:
+        passes(best)
     result.top1, result.gflops, result.params = runs[best].top1, runs[best].gflops, ladder.params(best)
     return result
 
