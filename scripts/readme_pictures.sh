@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the README's "Stress test and pictures" figures on the embedded default model.
-# Needs the plot extra (pip install -e '.[plot]'); takes about 20 minutes on two CPU cores.
+# Needs the plot extra (pip install -e '.[plot]'); takes about an hour on two busy CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/images
@@ -12,8 +12,8 @@ atm visualize "$eval_dir"/bird/0196.jpg "$eval_dir"/airplane/0870.jpg "$eval_dir
     "$eval_dir"/deer/0401.jpg "$eval_dir"/frog/0403.jpg "$eval_dir"/truck/0265.jpg --with-tome \
     --out "$out"/merged-regions.png
 atm probe --limit 256 --plot "$out"/probe.png
-atm compare --limit 500 --budgets 90,80,70,60 --plot "$out"/compare.png
-atm stress --limit 500 > "$out"/stress.json --json
+atm compare --limit 300 --n-trials 15 --budgets 90,80,70,60 --plot "$out"/compare.png
+atm stress --limit 500  # its table goes into the README by hand
 python - "$out"/tokens-per-block.png <<'PY'
 import sys
 from atm_cli.analysis.visualize import plot_eval_tokens

@@ -115,22 +115,14 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
 
 def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget: float, budget_gflops: float,
                n_trials: int, seed: int) -> ComparePoint:
-    """ATM: the calibration search's best top-1 with GFLOPs <= the budget (its ranges as in `stress`).
+    """ATM: the calibration search's best top-1 with GFLOPs <= the budget (its ranges as in `stress`)."""
+    from ..calibration import ModelBatches, reachable_gflops, search_budget
 
-    Composed from the calibration's parts, as its `search_no_drop` is for the no-drop goal.
-    """
-    from ..calibration import BudgetGoal, ModelBatches, Search, reachable_gflops
-    from ..calibration.calibrate import PROBE_BATCHES, tally_of
-    from ..calibration.study import open_study
-
-    source, space = ModelBatches(loaded, batches), stress_space()
-    lowest, _, _ = reachable_gflops(source, space)
-    if budget_gflops < lowest:
-        return ComparePoint("atm", budget, budget_gflops, None, None, None)
-    goal = BudgetGoal(budget_gflops)
-    search = Search(source, tally_of(baseline, batches), goal, space, PROBE_BATCHES)
-    found = search.run(open_study(None, None, goal, {}, seed, n_trials), n_trials)
-    if found.best is None:
+    space = stress_space()
+    lowest, _, _ = reachable_gflops(ModelBatches(loaded, batches), space)
+    found = None if budget_gflops < lowest else search_budget(loaded, batches, baseline, budget_gflops, n_trials,
+                                                              seed, space)
+    if found is None or found.best is None:
         return ComparePoint("atm", budget, budget_gflops, None, None, None)
     _, params = describe_method(ATMConfig(**found.best.params), len(loaded.model.blocks))
     return ComparePoint("atm", budget, budget_gflops, found.best.top1, found.best.gflops, params)
