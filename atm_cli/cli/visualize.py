@@ -12,6 +12,7 @@ from atm_cli.analysis.visualize import Visualization, visualize
 from atm_cli.errors import UsageError
 from atm_cli.evaluation import load_model
 
+from . import method_options
 from . import model_data as options
 from .method_options import MethodFlags, MethodName
 
@@ -22,15 +23,14 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     pretrained: bool = options.PRETRAINED,
-    method: Optional[MethodName] = typer.Option(None, "--method", case_sensitive=False,
-                                                help="Merging method. Default: atm with the model's default preset."),
-    preset: Optional[str] = typer.Option(None, "--preset", metavar="FILE|NAME", help="A preset file or bundled name."),
-    force: bool = typer.Option(False, "--force", help="Apply a preset made for another model or checkpoint."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="ATM: threshold of the first block."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="ATM: how fast thresholds fall with depth."),
-    theta_min: Optional[float] = typer.Option(None, "--theta-min", help="ATM: the lowest threshold."),
-    split_layer: Optional[int] = typer.Option(None, "--split-layer", help="ATM: last block with alternate matching."),
-    r: Optional[str] = typer.Option(None, "--r", metavar="R", help="ToMe: tokens merged per block."),
+    method: Optional[MethodName] = method_options.METHOD,
+    preset: Optional[str] = method_options.PRESET,
+    force: bool = method_options.FORCE,
+    alpha: Optional[float] = method_options.ALPHA,
+    beta: Optional[float] = method_options.BETA,
+    theta_min: Optional[float] = method_options.THETA_MIN,
+    split_layer: Optional[int] = method_options.SPLIT_LAYER,
+    r: Optional[str] = method_options.R,
     with_tome: bool = typer.Option(False, "--with-tome",
                                    help="Add a row of ToMe at the same mean GFLOPs on these images (Fig. 7)."),
     device: str = options.DEVICE,
