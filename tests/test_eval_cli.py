@@ -66,7 +66,7 @@ def test_embedded_default_json_matches_a_direct_computation(tmp_path):
     def percent_in_top(logits, k):
         return 100.0 * (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item() / 20
 
-    assert result["model"] == DEMO_MODEL_NAME and result["method"] == "atm"
+    assert (result["model"], result["model_tag"], result["method"]) == (DEMO_MODEL_NAME, "cifar10", "atm")
     assert result["checkpoint_sha256"] == hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()
     assert result["n_images"] == 20 and result["batch_size"] == 12 and result["skipped_images"] == 0
     assert result["params"]["alpha"] == 0.985 and result["params"]["split_layer"] == 9

@@ -226,7 +226,7 @@ def test_load_model_by_name_folder_and_checkpoint(tmp_path):
     checkpoint = tmp_path / "demo.pth"
     torch.save(weights, checkpoint)
     loaded = load_model("atm-demo", checkpoint=checkpoint, device="cpu")
-    assert loaded.name == DEMO_MODEL_NAME and loaded.num_classes == 10
+    assert loaded.name == DEMO_MODEL_NAME and loaded.num_classes == 10 and loaded.tag is None
     assert loaded.checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in weights.items())
     assert loaded.data_config["input_size"] == (3, 32, 32)

@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from atm_cli.errors import UsageError
 from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder, load_model
 from atm_cli.models import DEMO_MODEL_ALIAS
 
+from . import method_options as methods
+from . import model_data as options
 from .method_options import MethodFlags, MethodName
 
 DEFAULT_BATCH_SIZE = 128
@@ -27,40 +28,30 @@ def command(
     model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
                               help="A timm model name (hf-hub: names too), or a folder in timm's format "
                                    "(config.json + weights). Default: the embedded CIFAR-10 ViT."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE",
-                                              help="Local weights for the model, loaded by timm."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
-                                    help="--no-pretrained: random weights (for speed and GFLOPs only)."),
-    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
-                                        help="An ImageFolder (DIR/<class>/<image>). Default: the bundled "
-                                             "2,000 CIFAR-10 test images."),
+    checkpoint: Optional[Path] = options.CHECKPOINT,
+    pretrained: bool = options.PRETRAINED,
+    data: Optional[Path] = options.EVAL_DATA,
     class_map: Optional[Path] = typer.Option(None, "--class-map", metavar="FILE",
                                              help="Folder -> class index (JSON object or 'folder index' lines), "
                                                   "instead of matching folder names to the model's labels."),
     strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
-    method: Optional[MethodName] = typer.Option(None, "--method", case_sensitive=False,
-                                                help="Merging method. Default: atm with the model's default "
-                                                     "preset, or the paper's DeiT-S setting."),
-    preset: Optional[str] = typer.Option(None, "--preset", metavar="FILE|NAME",
-                                         help="A preset file, or the name of a bundled preset."),
-    force: bool = typer.Option(False, "--force", help="Apply a preset made for another model or checkpoint."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="ATM: threshold of the first block."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="ATM: how fast thresholds fall with depth."),
-    theta_min: Optional[float] = typer.Option(None, "--theta-min", help="ATM: the lowest threshold."),
-    split_layer: Optional[int] = typer.Option(None, "--split-layer",
-                                              help="ATM: last block with alternate matching (default 0.75 L)."),
-    r: Optional[str] = typer.Option(None, "--r", metavar="R",
-                                    help="ToMe: tokens merged per block (an int, or a comma list per block)."),
+    method: Optional[MethodName] = methods.METHOD,
+    preset: Optional[str] = methods.PRESET,
+    force: bool = methods.FORCE,
+    alpha: Optional[float] = methods.ALPHA,
+    beta: Optional[float] = methods.BETA,
+    theta_min: Optional[float] = methods.THETA_MIN,
+    split_layer: Optional[int] = methods.SPLIT_LAYER,
+    r: Optional[str] = methods.R,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help=f"Images per batch (ATM's r depends on it). Default: the "
                                                   f"preset's, else {DEFAULT_BATCH_SIZE}."),
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="Image loading processes."),
-    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda"),
+    device: str = options.DEVICE,
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1,
-                                        help="Evaluate a class-balanced subset of this many images."),
+    limit: Optional[int] = options.LIMIT,
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = options.JSON,
     results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE.csv|FILE.json",
                                                 help="Append a row to a CSV file, or write the JSON object."),
 ) -> None:
@@ -81,21 +72,16 @@ def command(
     console.print(f"{loaded.name} on {images.n_files} images from {images.root}, batch {batch_size}, "
                   f"{loaded.device}; method: {choice.source}", highlight=False, soft_wrap=True)
 
-    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("eval", total=images.n_files)
-        report = evaluate(loaded, images, choice.config, batch_size, workers, amp,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with options.progress_bar(console, "evaluating") as progress:
+        report = evaluate(loaded, images, choice.config, batch_size, workers, amp, progress=progress)
 
     result = report.to_dict()
-    console.print(_result_table(report))
     if report.skipped_images:
         shown = ", ".join(list(images.skipped_files)[:3])
         console.print(f"skipped {report.skipped_images} unreadable image(s): {shown}", highlight=False, soft_wrap=True)
     if results_file is not None:
         _write_results(results_file, result)
-    if json_output:
-        typer.echo(json.dumps(result))
+    options.finish(console, _result_table(report), result, json_output)
 
 
 def _result_table(report: EvalReport) -> Table:

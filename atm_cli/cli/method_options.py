@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
+import typer
+
 from atm_cli.engine import ATMConfig, MergeConfig, ToMeConfig
 from atm_cli.errors import UsageError
 from atm_cli.presets import default_preset_for, find_preset
@@ -18,6 +20,18 @@ class MethodName(str, Enum):
     atm = "atm"
     tome = "tome"
     none = "none"
+
+
+# The flags as Typer options, for every command that takes them (pass them on to MethodFlags).
+METHOD = typer.Option(None, "--method", case_sensitive=False,
+                      help="Merging method. Default: atm with the model's default preset, or the paper's DeiT-S setting.")
+PRESET = typer.Option(None, "--preset", metavar="FILE|NAME", help="A preset file, or the name of a bundled preset.")
+FORCE = typer.Option(False, "--force", help="Apply a preset made for another model or checkpoint.")
+ALPHA = typer.Option(None, "--alpha", help="ATM: threshold of the first block.")
+BETA = typer.Option(None, "--beta", help="ATM: how fast thresholds fall with depth.")
+THETA_MIN = typer.Option(None, "--theta-min", help="ATM: the lowest threshold.")
+SPLIT_LAYER = typer.Option(None, "--split-layer", help="ATM: last block with alternate matching (default 0.75 L).")
+R = typer.Option(None, "--r", metavar="R", help="ToMe: tokens merged per block (an int, or a comma list per block).")
 
 
 @dataclass

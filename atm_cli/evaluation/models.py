@@ -23,7 +23,7 @@ MODEL_SOURCES = ("hf-hub:", "local-dir:")
 class LoadedModel:
     model: nn.Module  # in eval mode, on `device`
     name: str  # timm architecture name
-    tag: str | None  # timm pretrained tag (e.g. "fb_in1k"), None when unknown
+    tag: str | None  # timm pretrained tag of the weights loaded (e.g. "fb_in1k"); None for a checkpoint or random
     num_classes: int
     data_config: dict  # timm's resolved data config: input size, mean, std, crop, interpolation
     checkpoint_sha256: str | None  # of the local weights file loaded, None for hub or random weights
@@ -128,7 +128,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
     loaded = LoadedModel(
         model=model,
         name=cfg.get("architecture") or timm_name,
-        tag=cfg.get("tag") or None,
+        tag=(cfg.get("tag") or None) if pretrained and checkpoint is None else None,
         num_classes=model.num_classes,
         data_config=resolve_model_data_config(model),
         checkpoint_sha256=checkpoint_sha256,
