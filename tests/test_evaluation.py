@@ -15,6 +15,7 @@ from timm.data import create_transform, resolve_model_data_config
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
 from atm_cli.errors import RunError, UsageError
 from atm_cli.evaluation import evaluate, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation.models import resolve_model_name
 from atm_cli.models import DEMO_MODEL_NAME
 
 from timm.models import save_for_hf
@@ -213,6 +214,20 @@ def test_missing_or_empty_folders_are_usage_errors(tiny, tmp_path):
     (tmp_path / "empty" / "a").mkdir()
     with pytest.raises(UsageError, match="no images"):
         load_image_folder(tmp_path / "empty", tiny)
+
+
+def test_model_names_aliases_tags_and_folders(tiny_vit_dir, tmp_path):
+    assert resolve_model_name("atm-demo") == DEMO_MODEL_NAME
+    assert resolve_model_name("deit_small_patch16_224.fb_in1k") == "deit_small_patch16_224.fb_in1k"
+    assert resolve_model_name(str(tiny_vit_dir)) == f"local-dir:{tiny_vit_dir.resolve()}"
+    with pytest.raises(UsageError, match="no pretrained tag 'nope'.*fb_in1k"):
+        resolve_model_name("deit_small_patch16_224.nope")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(UsageError, match="--checkpoint FILE"):
+        resolve_model_name(str(weights))
+    with pytest.raises(UsageError, match="no config.json"):
+        resolve_model_name(str(tmp_path))
 
 
 def test_load_model_by_name_folder_and_checkpoint(tmp_path):

@@ -55,7 +55,7 @@ def resolve_model_name(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UsageError(f"model folder {name} has no config.json (timm's format, as written by timm's save_for_hf)")
         return f"local-dir:{path.resolve()}"
-    if path.suffix or path.exists():
+    if path.exists() or any(separator in name for separator in ("/", "\\")):
         raise UsageError(f"--model {name}: give a timm model name or a timm model folder; "
                          "for a weights file use --model NAME --checkpoint FILE")
     architecture, tag = split_model_name_tag(name)
