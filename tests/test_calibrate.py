@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import optuna
 import pytest
 import timm
 import torch
-import yaml
 from PIL import Image
 from timm.models import save_for_hf
 from typer.testing import CliRunner

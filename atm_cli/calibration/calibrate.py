@@ -5,11 +5,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import optuna
 from torch import Tensor
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import RunError, UsageError
+from atm_cli.errors import UsageError
 from atm_cli.evaluation import BatchRun, LoadedModel, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.models import DEMO_MODEL_NAME
@@ -23,7 +22,7 @@ from .study import open_storage, open_study
 Batches = Sequence[tuple[Tensor, Tensor]]
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
-PROBE_BATCHES = 1
+PROBE_BATCHES = 1  # batches a trial runs before its GFLOPs are checked against the goal
 
 
 @dataclass
@@ -72,13 +71,11 @@ def search_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, to
 
     `baseline` is the unmerged model's run on the same batches. The result's `params`, `top1`,
     `gflops` are the best trial's (RunError when no trial met the floor); `forward_passes` counts
-    the images the search ran (the baseline's not included).
+    the images the search ran (the baseline's not included). `known_good` defaults to the bundled
+    presets for the model nearest the goal.
     """
-    goal = NoDropGoal(tolerance)
-    search = Search(ModelBatches(loaded, batches), tally_of(baseline, batches), goal, space, PROBE_BATCHES)
-    study = open_study(None, None, goal, {}, seed, n_trials)
-    known = _known_good(loaded, goal, None) if known_good is None else known_good
-    return search.run(study, n_trials, timeout, known, on_trial)
+    return _search_batches(loaded, batches, baseline, NoDropGoal(tolerance), n_trials, seed, space, timeout,
+                           known_good, on_trial)
 
 
 def search_budget(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget_gflops: float,
@@ -87,9 +84,17 @@ def search_budget(loaded: LoadedModel, batches: Batches, baseline: BatchRun, bud
                   on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
     """The ATM setting with the best top-1 on `batches` among those with GFLOPs <= `budget_gflops`.
 
-    As `search_no_drop`, with the budget as the goal (the caller checks it against `reachable_gflops`).
+    As `search_no_drop`, with the budget as the goal (check it first with `reachable_gflops`).
     """
-    goal = BudgetGoal(budget_gflops)
+    return _search_batches(loaded, batches, baseline, BudgetGoal(budget_gflops), n_trials, seed, space, timeout,
+                           known_good, on_trial)
+
+
+def _search_batches(loaded: LoadedModel, batches: Batches, baseline: BatchRun, goal: Goal, n_trials: int,
+                    seed: int | None, space: SearchSpace, timeout: float | None,
+                    known_good: Sequence[ATMConfig] | None,
+                    on_trial: Callable[[TrialEvent], None] | None) -> SearchResult:
+    """A search kept in memory, on batches and an unmerged run the caller already has."""
     reference = tally_of(baseline, batches)
     search = Search(ModelBatches(loaded, batches), reference, goal, space, PROBE_BATCHES)
     study = open_study(None, None, goal, {}, seed, n_trials)
@@ -198,8 +203,7 @@ class CalibrationReport:
         return {
             "model": self.preset.model.name,
             "goal": self.result.goal.describe(),
-            "params": {"alpha": self.config.alpha, "beta": self.config.beta, "theta_min": self.config.theta_min,
-                       "split_layer": self.config.split_layer},
+            "params": self.result.params,
             "top1": r.top1, "top5": r.top5, "gflops": r.gflops,
             "baseline_top1": r.baseline_top1, "baseline_top5": r.baseline_top5, "baseline_gflops": r.baseline_gflops,
             "gflops_reduction": 100.0 * (1.0 - r.gflops / r.baseline_gflops),
