@@ -161,6 +161,7 @@ def save_preset(preset: Preset, path: str | Path) -> Path:
     text = yaml.safe_dump(preset.to_dict(), sort_keys=False, allow_unicode=True, width=120)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a preset is for sharing
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -171,6 +172,12 @@ def save_preset(preset: Preset, path: str | Path) -> Path:
         raise
     preset.path = path
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_preset(path: str | Path, model_name: str | None = None, force: bool = False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +39,13 @@ def write_yaml(path: Path, document) -> Path:
 
 def test_round_trip_keeps_every_field(tmp_path):
     preset = a_preset()
-    loaded = load_preset(save_preset(preset, tmp_path / "p.yaml"))
+    previous = os.umask(0o022)
+    try:
+        path = save_preset(preset, tmp_path / "p.yaml")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # shareable, as any file the user writes (not mkstemp's 0600)
+    loaded = load_preset(path)
     assert loaded == preset
     assert loaded.measured.gflops == 3.2345678901234567  # full precision: `atm eval` must match it exactly
     assert loaded.method == ATMConfig(0.985, 0.045, 0.88)
