@@ -9,7 +9,8 @@ after each batch. It is pruned as soon as it cannot win, or is unlikely to:
   compared with the whole set in complete trials, and allows for the spread of that ratio;
 - (budget) even all remaining images right could not reach the best trial's top-1; or, on the
   images seen, it trails the best trial by more than Z_BUDGET standard deviations of a sign test
-  over the images where the two differ (a pruned near-tie costs little: the best stays);
+  over the images where the two differ, a spread that narrows once fewer images remain than were
+  seen (a pruned near-tie costs little: the best stays);
 - (no-drop) it already uses more GFLOPs than the best trial; or its wrong images already exceed
   what the tolerance allows even if every remaining image were right; or it trails the unmerged
   model by more than Z_NO_DROP standard deviations of the same sign test (stricter: a wrongly
@@ -189,11 +190,19 @@ class Goal(Protocol):
     def verdict(self, standing: Standing) -> Verdict | None: ...
 
 
-def _trails(correct: np.ndarray, reference: np.ndarray, z: float, allowed: float = 0.0) -> tuple[int, int, bool]:
-    """Images lost against `reference` on the same images, images where they differ, and the sign test."""
+def _trails(correct: np.ndarray, reference: np.ndarray, remaining: int, z: float,
+            allowed: float = 0.0) -> tuple[int, int, bool]:
+    """Images lost against `reference` on the same images, images where they differ, and the sign test.
+
+    Were the two equally good, the images lost would wander by about sqrt(differ) so far, and by
+    about sqrt(differ * remaining / seen) over the rest: once fewer images remain than were seen,
+    the gap that the rest could plausibly close shrinks with them.
+    """
+    seen = len(correct)
     lost = int(reference.sum()) - int(correct.sum())
     differ = int((correct != reference).sum())
-    return lost, differ, lost - allowed > 0 and lost - allowed > z * math.sqrt(differ)
+    spread = math.sqrt(differ * min(1.0, remaining / seen))
+    return lost, differ, lost - allowed > 0 and lost - allowed > z * spread
 
 
 @dataclass(frozen=True)
@@ -225,7 +234,7 @@ class BudgetGoal:
         over = (estimate or tally.gflops) - self.target_gflops
         if tally.n_correct + standing.remaining < best.correct.sum():
             return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right", over)
-        lost, differ, trails = _trails(tally.correct, best.correct[:tally.n_images], Z_BUDGET)
+        lost, differ, trails = _trails(tally.correct, best.correct[:tally.n_images], standing.remaining, Z_BUDGET)
         if trails:
             return Verdict(f"trails trial {best.number} by {lost} of the {differ} images where they differ "
                            f"(after {tally.n_images} images)", over)
@@ -264,7 +273,8 @@ class NoDropGoal:
         if tally.n_correct + standing.remaining < needed:
             return Verdict(f"{seen - tally.n_correct} wrong images already exceed the tolerance",
                            (needed - tally.n_correct - standing.remaining) * 100 / total)
-        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], Z_NO_DROP, self.tolerance * seen / 100)
+        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], standing.remaining, Z_NO_DROP,
+                                       self.tolerance * seen / 100)
         if trails:
             return Verdict(f"loses {lost} of the {differ} images where it differs from the unmerged model "
                            f"(after {seen} images)", self.constraint(tally, reference))
