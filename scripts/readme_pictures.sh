@@ -8,8 +8,8 @@ mkdir -p "$out"
 eval_dir=atm_cli/samples/cifar10-eval
 
 # simple to busy, as the paper's Fig. 7 orders them
-atm visualize "$eval_dir"/bird/0196.jpg "$eval_dir"/airplane/0870.jpg "$eval_dir"/dog/0655.jpg \
-    "$eval_dir"/deer/0401.jpg "$eval_dir"/frog/0403.jpg "$eval_dir"/truck/0265.jpg --with-tome \
+atm visualize "$eval_dir"/airplane/0097.jpg "$eval_dir"/frog/0319.jpg "$eval_dir"/horse/0003.jpg \
+    "$eval_dir"/automobile/0000.jpg "$eval_dir"/ship/0807.jpg "$eval_dir"/truck/0819.jpg --with-tome \
     --out "$out"/merged-regions.png
 atm probe --limit 256 --plot "$out"/probe.png
 atm compare --limit 300 --n-trials 15 --budgets 90,80,70,60 --plot "$out"/compare.png
