@@ -102,20 +102,24 @@ def _search_batches(loaded: LoadedModel, batches: Batches, baseline: BatchRun, g
     return search.run(study, n_trials, timeout, known, on_trial)
 
 
-def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float | None) -> list[ATMConfig]:
-    """Bundled ATM presets for this model nearest the goal, judged by what they measured when made."""
+def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:
+    """Bundled ATM presets for this model nearest the goal: made for the same goal first, then by
+    what they measured when made (GFLOPs share just under the budget; or the smallest top-1 drop)."""
     presets = [p for p in list_presets(loaded.name) if p.method_name == "atm" and p.measured.baseline_gflops]
 
     def ratio(p: Preset) -> float:
         return p.measured.gflops / p.measured.baseline_gflops
 
+    def nearness(p: Preset) -> tuple:
+        if isinstance(goal, BudgetGoal):
+            return (goal.target_gflops / reference_gflops - ratio(p),)
+        return max(0.0, p.measured.baseline_top1 - p.measured.top1 - goal.tolerance), ratio(p)
+
     if isinstance(goal, BudgetGoal):
-        wanted = goal.target_gflops / reference_gflops
-        chosen = sorted((p for p in presets if ratio(p) <= wanted), key=lambda p: wanted - ratio(p))
+        candidates = [p for p in presets if ratio(p) <= goal.target_gflops / reference_gflops]
     else:
-        kept = [p for p in presets if p.measured.top1 is not None and p.measured.baseline_top1 is not None
-                and p.measured.top1 >= p.measured.baseline_top1 - goal.tolerance]
-        chosen = sorted(kept, key=ratio)
+        candidates = [p for p in presets if p.measured.top1 is not None and p.measured.baseline_top1 is not None]
+    chosen = sorted(candidates, key=lambda p: (p.provenance.target != goal.describe(), *nearness(p)))
     return [p.method for p in chosen[:KNOWN_GOOD]]
 
 

@@ -45,7 +45,7 @@ from .space import DIGITS, SearchSpace
 
 # A trial trailing its reference by more than Z * sqrt(images where they differ) is stopped.
 Z_BUDGET = 1.0
-Z_NO_DROP = 2.0
+Z_NO_DROP = 1.5
 # GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
 # ratios complete trials showed; before any trial completes, by UNPROFILED_SLACK (a batch of
 # CIFAR-10 images has been seen 16% off its set's mean).
