@@ -20,6 +20,10 @@ def _number(value: Optional[float], digits: str = ".2f") -> str:
     return "" if value is None else format(value, digits)
 
 
+def _source(source: str) -> str:
+    return {"atm calibrate": "calibrated"}.get(source, source.replace("paper Table ", "paper "))
+
+
 def _params(preset: Preset) -> str:
     p = preset.params
     if preset.method_name == "atm":
@@ -46,16 +50,17 @@ def list_command(
     for model_name in dict.fromkeys(p.model.name for p in presets):
         table = Table(title=f"{model_name} (atm eval --model ... --preset NAME)", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("name", no_wrap=True)
+        group = [p for p in presets if p.model.name == model_name]
+        table.add_column("name", no_wrap=True, min_width=max(len(p.name) + 2 for p in group))
         table.add_column("params", no_wrap=True)
         for column in ("GFLOPs", "change", "top-1"):
             table.add_column(column, justify="right", no_wrap=True)
         table.add_column("from", no_wrap=True)
-        for p in (p for p in presets if p.model.name == model_name):
+        for p in group:
             m = p.measured
             change = f"{100 * (m.gflops / m.baseline_gflops - 1):+.0f}%" if m.baseline_gflops else ""
-            table.add_row(p.name + (" *" if p.default else ""), _params(p), _number(m.gflops, ".4g"), change,
-                          _number(m.top1), p.provenance.source.replace("paper Table ", "paper "))
+            table.add_row(p.name + (" *" if p.default else ""), _params(p), _number(m.gflops, ".3g"), change,
+                          _number(m.top1), _source(p.provenance.source))
         console.print(table)
     console.print("* the model's default (what atm eval runs with no method flags)", highlight=False)
 
