@@ -51,7 +51,7 @@ def list_command(
         table = Table(title=f"{model_name} (atm eval --model ... --preset NAME)", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False)
         group = [p for p in presets if p.model.name == model_name]
-        table.add_column("name", no_wrap=True, min_width=max(len(p.name) + 2 for p in group))
+        table.add_column("name", no_wrap=True, min_width=max(len(p.name) for p in group) + 2)
         table.add_column("params", no_wrap=True)
         for column in ("GFLOPs", "change", "top-1"):
             table.add_column(column, justify="right", no_wrap=True)
