@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from atm_cli.presets import default_preset_for
 
 from conftest import make_tiny_vit, write_image_folder
 from test_evaluation import direct_tensors
+from test_pictures import non_blank
 
 REQUIRED_KEYS = {"model", "method", "params", "n_images", "batch_size", "top1", "top5", "gflops", "baseline_top1",
                  "baseline_gflops", "images_per_sec", "baseline_images_per_sec", "agreement", "tokens_per_layer",
@@ -109,6 +111,17 @@ def test_tome_and_unmerged_methods(tiny_vit_dir, image_folder):
     assert outcome.exit_code == 0, outcome.stderr
     assert result["method"] == "none" and result["agreement"] == 100.0
     assert (result["top1"], result["gflops"]) == (result["baseline_top1"], result["baseline_gflops"])
+
+
+def test_tokens_per_block_chart_and_plot(tiny_vit_dir, image_folder, tmp_path):
+    pytest.importorskip("matplotlib", reason="plots are the optional atm-cli[plot] extra")
+    plot = tmp_path / "tokens.png"
+    # Thresholds of Eq. (1) for a 2-block model: alpha, then max(alpha - (e^beta - 1), theta_min).
+    result, outcome = run_eval("--model", tiny_vit_dir, "--data", image_folder, "--alpha", "0.9", "--beta", "0.1",
+                               "--theta-min", "0.5", "--plot", plot, "--json")
+    assert outcome.exit_code == 0, outcome.stderr
+    assert "θ 0.900" in outcome.stderr and f"θ {0.9 - (math.exp(0.1) - 1):.3f}" in outcome.stderr
+    assert non_blank(plot)
 
 
 def test_corrupt_image_is_skipped_and_counted_or_fails_when_strict(tiny_vit_dir, image_folder):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.errors import RunError, UsageError
 from atm_cli.evaluation import evaluate, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.models import resolve_model_name

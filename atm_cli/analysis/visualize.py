@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.data import create_transform
 from torch import Tensor, nn
 
-from ..engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, threshold_schedule, unpatch
+from ..engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, unpatch
 from ..errors import UsageError
-from ..evaluation import EvalReport, LoadedModel, run_batches
+from ..evaluation import LoadedModel, run_batches
 from .compare import least_merging_within
 from .plotting import pyplot, save_figure
 from .stress import ladders
@@ -235,6 +235,7 @@ def plot_tokens_per_block(tokens_per_layer: Sequence[float], path: str | Path, t
     handles = [axes.bar(range(1, depth), merged, color="#5aa469", label="tokens merged")]
     axes.set_xlabel("block")
     axes.set_ylabel("tokens merged per image")
+    axes.set_ylim(bottom=0)
     axes.set_xticks(range(1, depth + 1))
     if thresholds is not None:
         twin = axes.twinx()
@@ -244,10 +245,3 @@ def plot_tokens_per_block(tokens_per_layer: Sequence[float], path: str | Path, t
     axes.set_title(title or "Tokens merged per block")
     return save_figure(figure, path)
 
-
-def plot_eval_tokens(report: EvalReport, method: MergeConfig | None, path: str | Path) -> Path:
-    """Fig. 6 for an `atm eval` run: its mean tokens per block, with ATM's thresholds when the method is ATM."""
-    depth = len(report.merged.tokens_per_layer)
-    thresholds = threshold_schedule(method, depth) if isinstance(method, ATMConfig) else None
-    return plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
-                                 title=f"{report.model}: tokens merged per block ({report.merged.n_images} images)")

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
+from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
+from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
 from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder, load_model
 from atm_cli.models import DEMO_MODEL_ALIAS
@@ -54,6 +57,7 @@ def command(
     json_output: bool = options.JSON,
     results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE.csv|FILE.json",
                                                 help="Append a row to a CSV file, or write the JSON object."),
+    plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
@@ -61,6 +65,7 @@ def command(
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
     if checkpoint is not None and not pretrained:
         raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
+    options.check_plot(plot)
 
     console = Console(stderr=True)
     with console.status(f"loading {model}"):
@@ -81,7 +86,14 @@ def command(
         console.print(f"skipped {report.skipped_images} unreadable image(s): {shown}", highlight=False, soft_wrap=True)
     if results_file is not None:
         _write_results(results_file, result)
-    options.finish(console, _result_table(report), result, json_output)
+    thresholds = (threshold_schedule(choice.config, len(report.merged.tokens_per_layer))
+                  if isinstance(choice.config, ATMConfig) else None)
+    # Figure 6 of the paper: mean tokens entering each block, beside the block's threshold.
+    chart = tokens_chart(report.merged.tokens_per_layer, thresholds, full=report.baseline.tokens_per_layer[0], width=24)
+    summary = Group(_result_table(report), Text(f"{report.method}: mean tokens entering each block\n{chart}"))
+    options.finish(console, summary, result, json_output, plot,
+                   lambda path: plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
+                                                      title=f"{report.model}: tokens merged per block"))
 
 
 def _result_table(report: EvalReport) -> Table:
@@ -96,14 +108,7 @@ def _result_table(report: EvalReport) -> Table:
     table.add_row("images/s (model)", f"{d['images_per_sec']:.1f}", f"{d['baseline_images_per_sec']:.1f}")
     table.add_row("images/s (end to end)", f"{d['end_to_end_images_per_sec']:.1f}", "")
     table.add_row("top-1 agreement %", f"{d['agreement']:.2f}", "")
-    table.add_row("tokens per block", _token_bars(d["tokens_per_layer"], d["baseline_tokens_per_layer"][0]), "")
     return table
-
-
-def _token_bars(tokens: list[float], full: float, width: int = 20) -> str:
-    """A small bar chart of the mean tokens entering each block (Figure 6 of the paper)."""
-    return "\n".join(f"{i + 1:>2} {'█' * max(1, round(width * n / full)):<{width}} {n:6.1f}"
-                     for i, n in enumerate(tokens))
 
 
 def _write_results(path: Path, result: dict) -> None:

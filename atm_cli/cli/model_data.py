@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from atm_cli.analysis.plotting import pyplot
 from atm_cli.analysis.stress import METHODS as ANALYSIS_METHODS
@@ -51,7 +50,7 @@ def check_plot(plot: Optional[Path]) -> None:
         pyplot()
 
 
-def finish(console: Console, table: Table, result: dict, json_output: bool, plot: Optional[Path] = None,
+def finish(console: Console, table: RenderableType, result: dict, json_output: bool, plot: Optional[Path] = None,
            draw: Optional[Callable[[Path], Path]] = None) -> None:
     """The table on stderr, the plot when asked, the JSON object on stdout when asked."""
     console.print(table)

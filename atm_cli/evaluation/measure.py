@@ -9,7 +9,7 @@ import torch
 from timm.utils import accuracy
 from torch import Tensor
 
-from atm_cli.engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, tome_schedule, unpatch
+from atm_cli.engine import ATMConfig, MergeConfig, last_trace, patch, tome_schedule, unpatch
 from atm_cli.engine.config import resolve_split_layer
 from atm_cli.errors import UsageError
 
