@@ -14,14 +14,4 @@ atm visualize "$eval_dir"/airplane/0097.jpg "$eval_dir"/frog/0319.jpg "$eval_dir
 atm probe --limit 256 --plot "$out"/probe.png
 atm compare --limit 300 --n-trials 15 --budgets 90,80,70,60 --plot "$out"/compare.png
 atm stress --limit 500  # its table goes into the README by hand
-python - "$out"/tokens-per-block.png <<'PY'
-import sys
-from atm_cli.analysis.visualize import plot_eval_tokens
-from atm_cli.cli.method_options import MethodFlags
-from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder, load_model
-
-loaded = load_model()
-method = MethodFlags().resolve(loaded.name).config
-report = evaluate(loaded, load_image_folder(DEMO_EVAL_DATA, loaded, limit=500), method, batch_size=128, workers=0)
-plot_eval_tokens(report, method, sys.argv[1])
-PY
+atm eval --limit 500 --plot "$out"/tokens-per-block.png

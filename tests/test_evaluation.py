@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.errors import RunError, UsageError
-from atm_cli.evaluation import evaluate, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation import DEMO_CALIB_DATA, evaluate, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.models import resolve_model_name
 from atm_cli.models import DEMO_MODEL_NAME
 
@@ -203,6 +203,13 @@ def test_fingerprint_follows_paths_sizes_and_classes(tiny, tmp_path):
     class_map = tmp_path / "map.json"
     class_map.write_text(json.dumps({"a": 1, "b": 0, "c": 2}))
     assert load_image_folder(one, tiny, class_map=class_map).fingerprint != load_image_folder(one, tiny).fingerprint
+
+
+def test_presets_record_bundled_samples_by_a_portable_name(tiny, image_folder, monkeypatch):
+    assert load_image_folder(image_folder, tiny).source == str(image_folder)
+    demo = load_model(device="cpu")
+    monkeypatch.chdir(DEMO_CALIB_DATA.parent)  # a relative path to the bundled samples names them too
+    assert load_image_folder(DEMO_CALIB_DATA.name, demo, limit=10).source == "bundled:cifar10-calib"
 
 
 def test_missing_or_empty_folders_are_usage_errors(tiny, tmp_path):

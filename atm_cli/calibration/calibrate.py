@@ -284,7 +284,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     forward_passes += result.forward_passes
     config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measurement.of(result.best, reference, str(data), images.fingerprint)
+    tuning = Measurement.of(result.best, reference, images.source, images.fingerprint)
     reported, report_passes, shared = tuning, 0, True
     if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
         stage(f"measuring the best setting on {eval_data}")
@@ -292,7 +292,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers))
         merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
         report_passes = merged.n_images + unmerged.n_images
-        reported = Measurement.of(merged, unmerged, str(eval_data), eval_images.fingerprint)
+        reported = Measurement.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
         shared = False
 
     preset = _preset(request, loaded, config, goal, reported, tuning, shared, len(result.trials))

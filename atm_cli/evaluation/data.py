@@ -52,6 +52,14 @@ class ImageSet:
         """Images that can be evaluated (all files until a pass has found the unreadable ones)."""
         return self.n_files - self.skipped
 
+    @property
+    def source(self) -> str:
+        """Where the images came from, as presets record it: bundled samples by a name that holds on any machine."""
+        root = self.root.resolve()
+        if root.is_relative_to(SAMPLES):
+            return f"bundled:{root.relative_to(SAMPLES)}"
+        return str(self.root)
+
     def relative_path(self, index: int) -> str:
         folder, index = _folder_and_index(self.dataset, index)
         return os.path.relpath(folder.samples[index][0], self.root)
