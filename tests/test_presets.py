@@ -16,6 +16,8 @@ import atm_cli
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.errors import UsageError
+from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder, load_model
+from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import (Measured, ModelInfo, build_preset, bundled_presets_dir, default_preset_for, find_preset,
                              list_presets, load_preset, save_preset)
 
@@ -216,3 +218,16 @@ def test_presets_cli_list_and_show():
     assert table.exit_code == 0 and "deit-s-paper-3.23 *" in table.output
     missing = runner.invoke(app, ["presets", "show", "no-such-preset"])
     assert missing.exit_code == 2 and missing.output.count("\n") == 1 and "no-such-preset" in missing.output
+
+
+def test_bundled_demo_presets_fit_the_bundled_weights_and_the_default_reproduces_its_figures():
+    demo = load_model(device="cpu")
+    presets = list_presets(DEMO_MODEL_NAME)
+    assert len(presets) >= 4
+    assert all(p.model.checkpoint_sha256 == demo.checkpoint_sha256 for p in presets), "recalibrate after retraining"
+    preset = default_preset_for(DEMO_MODEL_NAME)
+    assert preset.measured.data == "bundled:cifar10-eval" and preset.measured.data_limit is None
+    report = evaluate(demo, load_image_folder(DEMO_EVAL_DATA, demo), preset.method, preset.batch_size, workers=0)
+    assert report.data_fingerprint == preset.measured.data_fingerprint
+    assert report.merged.gflops == pytest.approx(preset.measured.gflops, rel=1e-12)
+    assert (report.merged.top1, report.baseline.top1) == (preset.measured.top1, preset.measured.baseline_top1)

@@ -15,7 +15,7 @@ from rich.text import Text
 from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
 from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder, load_model
+from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder
 from atm_cli.models import DEMO_MODEL_ALIAS
 
 from . import method_options as methods
@@ -63,13 +63,10 @@ def command(
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
     if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
-    if checkpoint is not None and not pretrained:
-        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
     options.check_plot(plot)
 
     console = Console(stderr=True)
-    with console.status(f"loading {model}"):
-        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+    loaded = options.load(console, model, checkpoint, pretrained, device)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,

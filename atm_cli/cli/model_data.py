@@ -82,13 +82,17 @@ class Prepared:
     data: Path
 
 
+def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str) -> LoadedModel:
+    """The model the flags name, loaded behind a spinner."""
+    with console.status(f"loading {model}"):
+        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+
+
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
             default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str) -> Prepared:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
-    if checkpoint is not None and not pretrained:
-        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
-    with console.status(f"loading {model} and images"):
-        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+    loaded = load(console, model, checkpoint, pretrained, device)
+    with console.status("loading images"):
         root = data if data is not None else default_data
         images = load_image_folder(root, loaded, limit=limit, seed=seed)
         batches = preload(images, batch_size)

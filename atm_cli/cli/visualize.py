@@ -10,7 +10,6 @@ from rich.table import Table
 
 from atm_cli.analysis.visualize import Visualization, visualize
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import load_model
 
 from . import method_options
 from . import model_data as options
@@ -45,11 +44,8 @@ def command(
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {out}")
-    if checkpoint is not None and not pretrained:
-        raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
     console = Console(stderr=True)
-    with console.status(f"loading {model}"):
-        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+    loaded = options.load(console, model, checkpoint, pretrained, device)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     if choice.config is None:
         raise UsageError("--method none merges nothing: there is nothing to draw")

@@ -99,6 +99,8 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
     timm_name = resolve_model_name(name)
     target = resolve_device(device)
     if checkpoint is not None:
+        if not pretrained:
+            raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise UsageError(f"checkpoint {checkpoint} does not exist")
