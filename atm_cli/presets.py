@@ -337,7 +337,12 @@ def find_preset(name_or_path: str | Path, model_name: str | None = None, force: 
     raise UsageError(f"no preset file or bundled preset named {str(name_or_path)!r}{hint}")
 
 
-def default_preset_for(model_name: str) -> Preset | None:
-    """The bundled preset marked default for this model, if there is one."""
-    defaults = [p for p in list_presets(model_name) if p.default]
+def default_preset_for(model_name: str, checkpoint_sha256: str | None = None) -> Preset | None:
+    """The bundled preset marked default for this model, if there is one that fits these weights.
+
+    Other weights of the same architecture (a retrained checkpoint) fall back to no default: a
+    setting calibrated on one set of weights says little about another's.
+    """
+    defaults = [p for p in list_presets(model_name) if p.default
+                and (checkpoint_sha256 is None or p.model.checkpoint_sha256 in (None, checkpoint_sha256))]
     return defaults[0] if defaults else None

@@ -223,9 +223,11 @@ def test_presets_cli_list_and_show():
 def test_bundled_demo_presets_fit_the_bundled_weights_and_the_default_reproduces_its_figures():
     demo = load_model(device="cpu")
     presets = list_presets(DEMO_MODEL_NAME)
-    assert len(presets) >= 4
+    assert {p.name for p in presets} >= {"atm-demo-no-drop", "atm-demo-gflops-70"}
     assert all(p.model.checkpoint_sha256 == demo.checkpoint_sha256 for p in presets), "recalibrate after retraining"
     preset = default_preset_for(DEMO_MODEL_NAME)
+    assert default_preset_for(DEMO_MODEL_NAME, demo.checkpoint_sha256) == preset
+    assert default_preset_for(DEMO_MODEL_NAME, "0" * 64) is None  # other weights: no default setting
     assert preset.measured.data == "bundled:cifar10-eval" and preset.measured.data_limit is None
     report = evaluate(demo, load_image_folder(DEMO_EVAL_DATA, demo), preset.method, preset.batch_size, workers=0)
     assert report.data_fingerprint == preset.measured.data_fingerprint

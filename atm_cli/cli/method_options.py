@@ -82,7 +82,7 @@ class MethodFlags:
             return MethodChoice(ToMeConfig(r=_parse_r(self.r)), "--r")
         if self.method is MethodName.none:
             return MethodChoice(None, "--method none")
-        default = default_preset_for(model_name)
+        default = default_preset_for(model_name, checkpoint_sha256)
         atm = self._atm_flags()
         wants_atm = self.method is MethodName.atm or bool(atm)
         if default is not None and (isinstance(default.method, ATMConfig) or not wants_atm):
