@@ -202,10 +202,15 @@ def check_preset_fits(preset: Preset, model_name: str | None, checkpoint_sha256:
     if model_name is not None and canonical_model_name(model_name) != canonical_model_name(preset.model.name):
         raise UsageError(f"{label} was made for {preset.model.name}, not {canonical_model_name(model_name)} "
                          "(--force applies it anyway)")
-    theirs = preset.model.checkpoint_sha256
-    if checkpoint_sha256 and theirs and checkpoint_sha256 != theirs:
+    if not _fits_checkpoint(preset, checkpoint_sha256):
+        theirs = preset.model.checkpoint_sha256
         raise UsageError(f"{label} was made for checkpoint sha256 {theirs[:12]}..., this one is "
                          f"{checkpoint_sha256[:12]}... (--force applies it anyway)")
+
+
+def _fits_checkpoint(preset: Preset, checkpoint_sha256: str | None) -> bool:
+    """Made for these weights, or one of the two hashes is unknown (hub weights, paper settings)."""
+    return checkpoint_sha256 is None or preset.model.checkpoint_sha256 in (None, checkpoint_sha256)
 
 
 def preset_from_dict(data: Any, where: str = "preset") -> Preset:
@@ -343,6 +348,5 @@ def default_preset_for(model_name: str, checkpoint_sha256: str | None = None) ->
     Other weights of the same architecture (a retrained checkpoint) fall back to no default: a
     setting calibrated on one set of weights says little about another's.
     """
-    defaults = [p for p in list_presets(model_name) if p.default
-                and (checkpoint_sha256 is None or p.model.checkpoint_sha256 in (None, checkpoint_sha256))]
+    defaults = [p for p in list_presets(model_name) if p.default and _fits_checkpoint(p, checkpoint_sha256)]
     return defaults[0] if defaults else None

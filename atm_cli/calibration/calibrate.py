@@ -9,7 +9,7 @@ from torch import Tensor
 
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import BatchRun, LoadedModel, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation import BatchRun, ImageSet, LoadedModel, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
@@ -181,11 +181,11 @@ class Measurement:
     data_fingerprint: str
 
     @classmethod
-    def of(cls, merged: Tally | Finished, reference: Tally, data: str, fingerprint: str) -> Measurement:
+    def of(cls, merged: Tally | Finished, reference: Tally, images: ImageSet) -> Measurement:
         n_images = merged.n_images if isinstance(merged, Tally) else merged.images
         return cls(top1=merged.top1, top5=merged.top5, gflops=merged.gflops, baseline_top1=reference.top1,
                    baseline_top5=reference.top5, baseline_gflops=reference.gflops, n_images=n_images,
-                   data=data, data_fingerprint=fingerprint)
+                   data=images.source, data_fingerprint=images.fingerprint)
 
 
 @dataclass
@@ -284,7 +284,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     forward_passes += result.forward_passes
     config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measurement.of(result.best, reference, images.source, images.fingerprint)
+    tuning = Measurement.of(result.best, reference, images)
     reported, report_passes, shared = tuning, 0, True
     if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
         stage(f"measuring the best setting on {eval_data}")
@@ -292,7 +292,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers))
         merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
         report_passes = merged.n_images + unmerged.n_images
-        reported = Measurement.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
+        reported = Measurement.of(merged, unmerged, eval_images)
         shared = False
 
     preset = _preset(request, loaded, config, goal, reported, tuning, shared, len(result.trials))
