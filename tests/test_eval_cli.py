@@ -113,6 +113,26 @@ def test_tome_and_unmerged_methods(tiny_vit_dir, image_folder):
     assert (result["top1"], result["gflops"]) == (result["baseline_top1"], result["baseline_gflops"])
 
 
+def test_ctrl_c_prints_the_figures_so_far_and_exits_130(tiny_vit_dir, image_folder, monkeypatch):
+    from atm_cli.evaluation import measure
+
+    forward, calls = measure._forward, []
+
+    def forward_until_the_third_batch(*args):
+        calls.append(args)
+        if len(calls) == 7:  # two warm-up passes, two batches of two passes each, then Ctrl-C
+            raise KeyboardInterrupt
+        return forward(*args)
+
+    monkeypatch.setattr(measure, "_forward", forward_until_the_third_batch)
+    _, outcome = run_eval("--model", tiny_vit_dir, "--data", image_folder, "--batch-size", "5", "--r", "2", "--json")
+    assert outcome.exit_code == 130, outcome.stderr
+    result = json.loads(outcome.stdout)
+    assert result["interrupted"] and (result["n_images"], result["n_files"]) == (10, 12)
+    assert "interrupted: the figures cover the first 10 of 12 images" in outcome.stderr
+    assert "Traceback" not in outcome.stderr
+
+
 def test_tokens_per_block_chart_and_plot(tiny_vit_dir, image_folder, tmp_path):
     pytest.importorskip("matplotlib", reason="plots are the optional atm-cli[plot] extra")
     plot = tmp_path / "tokens.png"

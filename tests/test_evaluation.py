@@ -114,6 +114,35 @@ def test_evaluate_agrees_with_run_batches_on_the_same_batches(tiny, image_folder
     json.dumps(result)  # plain values only
 
 
+def interrupt_at(batch: int):
+    """A progress callback that presses Ctrl-C once `batch` batches are done."""
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == batch:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_an_interrupted_evaluation_reports_the_batches_it_finished(tiny, image_folder):
+    images = load_image_folder(image_folder, tiny)
+    report = evaluate(tiny, images, EAGER_ATM, batch_size=5, workers=0, progress=interrupt_at(2), keep_partial=True)
+    first_two = preload(images, batch_size=5)[:2]
+    merged, baseline = run_batches(tiny, first_two, EAGER_ATM), run_batches(tiny, first_two)
+    result = report.to_dict()
+    assert result["interrupted"] and result["n_images"] == 10 and result["n_files"] == 12
+    assert result["top1"] == merged.top1 and result["gflops"] == merged.gflops
+    assert result["baseline_top1"] == baseline.top1 and report.baseline.batch_sizes == [5, 5]
+
+
+def test_without_keep_partial_an_interrupt_propagates(tiny, image_folder):
+    images = load_image_folder(image_folder, tiny)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny, images, EAGER_ATM, batch_size=5, workers=0, progress=interrupt_at(2))
+
+
 def test_wnid_folders_map_to_imagenet_indices_with_classes_missing(tiny_imagenet_vit_dir, tmp_path):
     loaded = load_model(str(tiny_imagenet_vit_dir), device="cpu")
     # goldfish, tabby cat and banana: ImageNet-1k classes 1, 281 and 954; the other 997 are absent.

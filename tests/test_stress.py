@@ -101,6 +101,19 @@ def test_stress_ladders_meet_the_tolerance_and_tome_r_plus_one_fails(demo, batch
         assert next_top1 < baseline_top1 - tolerance
 
 
+def test_an_interrupted_stress_test_keeps_the_methods_it_finished(demo, batches):
+    def ctrl_c_after_the_first_method(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    partial = stress(demo, batches, methods=["tome", "threshold"], progress=ctrl_c_after_the_first_method,
+                     keep_partial=True)
+    assert partial.interrupted and [m.method for m in partial.methods] == ["tome"]
+    r = partial.methods[0].params["r"]
+    assert partial.methods[0].top1 == pytest.approx(direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r))[0])
+    with pytest.raises(KeyboardInterrupt):
+        stress(demo, batches, methods=["tome"], progress=ctrl_c_after_the_first_method)
+
+
 def test_stress_cli_json(demo):
     result = CliRunner().invoke(app, ["stress", "--methods", "atm,tome", "--limit", str(LIMIT), "--batch-size",
                                       str(BATCH), "--n-trials", "3", "--tolerance", "5", "--json"])

@@ -115,11 +115,13 @@ class StressReport:
     n_images: int
     batch_size: int
     methods: list[MethodResult]
+    interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
 
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
-                "methods": [result.to_dict(self.baseline_gflops) for result in self.methods]}
+                "methods": [result.to_dict(self.baseline_gflops) for result in self.methods],
+                "interrupted": self.interrupted}
 
 
 def required_correct(baseline: BatchRun, tolerance: float) -> int:
@@ -202,8 +204,12 @@ def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: Batch
 
 def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
            n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD,
-           progress: Progress | None = None) -> StressReport:
-    """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points)."""
+           progress: Progress | None = None, keep_partial: bool = False) -> StressReport:
+    """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points).
+
+    With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the test early and the
+    report holds the methods finished before it (`interrupted` is then True).
+    """
     if tolerance < 0:
         raise UsageError(f"--tolerance must be >= 0 (percentage points of top-1), got {tolerance}")
     check_methods(methods)
@@ -212,15 +218,21 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
     known = ladders(loaded)
     baseline = run_batches(loaded, batches)
     needed = required_correct(baseline, tolerance)
-    results = []
-    for done, name in enumerate(methods, start=1):
-        if name == "atm":
-            results.append(atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed))
-        else:
-            results.append(climb(loaded, batches, known[name], baseline, needed, lookahead))
-        if progress is not None:
-            progress(done, len(methods))
-    return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results)
+    results, interrupted = [], False
+    try:
+        for done, name in enumerate(methods, start=1):
+            if name == "atm":
+                results.append(atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed))
+            else:
+                results.append(climb(loaded, batches, known[name], baseline, needed, lookahead))
+            if progress is not None:
+                progress(done, len(methods))
+    except KeyboardInterrupt:
+        if not keep_partial:
+            raise
+        interrupted = True
+    return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results,
+                        interrupted)
 
 
 def stress_space():

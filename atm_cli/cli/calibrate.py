@@ -16,6 +16,8 @@ from atm_cli.calibration.space import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER
 from atm_cli.errors import UsageError
 from atm_cli.models import DEMO_MODEL_ALIAS
 
+from . import model_data as options
+
 
 def _range(text: Optional[str], flag: str, default: tuple[float, float]) -> tuple[float, float]:
     if text is None:
@@ -112,7 +114,7 @@ def command(
         kept = f"finished trials are kept in {storage} (study {study_name}); run the same command to resume" \
             if storage else "nothing was kept (no --storage)"
         console.print(f"interrupted: {kept}", highlight=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(options.INTERRUPTED_EXIT_CODE) from None
 
     result = report.to_dict()
     console.print(_table(report, result))

@@ -75,7 +75,8 @@ def command(
                   f"{loaded.device}; method: {choice.source}", highlight=False, soft_wrap=True)
 
     with options.progress_bar(console, "evaluating") as progress:
-        report = evaluate(loaded, images, choice.config, batch_size, workers, amp, progress=progress)
+        report = evaluate(loaded, images, choice.config, batch_size, workers, amp, progress=progress,
+                          keep_partial=True)
 
     result = report.to_dict()
     if report.skipped_images:
@@ -91,11 +92,16 @@ def command(
     options.finish(console, summary, result, json_output, plot,
                    lambda path: plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
                                                       title=f"{report.model}: tokens merged per block"))
+    if report.interrupted:
+        console.print(f"interrupted: the figures cover the first {report.merged.n_images} of {report.n_files} images",
+                      highlight=False)
+        raise typer.Exit(options.INTERRUPTED_EXIT_CODE)
 
 
 def _result_table(report: EvalReport) -> Table:
     d = report.to_dict()
-    table = Table(title=f"{report.model}, {report.merged.n_images} images", title_justify="left")
+    stopped = f" (interrupted, of {report.n_files})" if report.interrupted else ""
+    table = Table(title=f"{report.model}, {report.merged.n_images} images{stopped}", title_justify="left")
     table.add_column("")
     table.add_column(report.method, justify="right")
     table.add_column("unmerged", justify="right")

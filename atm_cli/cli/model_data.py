@@ -28,6 +28,7 @@ LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset o
 SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
 DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C
 
 
 def data_option(default_name: str) -> typer.models.OptionInfo:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 from timm.utils import accuracy
@@ -17,6 +18,15 @@ from .data import ImageSet, iterate_batches, make_loader
 from .models import LoadedModel
 
 Progress = Callable[[int, int], None]
+
+
+class Forward(NamedTuple):
+    """One batch through the model."""
+
+    logits: Tensor
+    gflops: float  # per image
+    tokens: tuple[int, ...]  # entering each block
+    seconds: float  # model time, synchronised
 
 
 @dataclass
@@ -58,15 +68,20 @@ class BatchRun:
     def predictions(self) -> Tensor:
         return torch.cat(self.batch_predictions)
 
-    def add(self, logits: Tensor, labels: Tensor, gflops: float, tokens: tuple[int, ...]) -> None:
+    def keep_first(self, n_batches: int) -> None:
+        for f in fields(self):
+            del getattr(self, f.name)[n_batches:]
+
+    def add(self, forward: Forward, labels: Tensor) -> None:
+        logits = forward.logits
         top1, top5 = accuracy(logits.float(), labels, topk=(1, 5))
         n = len(labels)
         # timm returns percentages of the batch; counts keep totals exact across batches of any size.
         self.batch_sizes.append(n)
         self.correct1.append(round(top1.item() * n / 100))
         self.correct5.append(round(top5.item() * n / 100))
-        self.batch_gflops.append(gflops)
-        self.batch_tokens.append(tokens)
+        self.batch_gflops.append(forward.gflops)
+        self.batch_tokens.append(forward.tokens)
         self.batch_predictions.append(logits.argmax(dim=1).cpu())
 
 
@@ -105,9 +120,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward(loaded: LoadedModel, images: Tensor, method: MergeConfig | None,
-             amp: bool) -> tuple[Tensor, float, tuple[int, ...], float]:
-    """Logits, GFLOPs per image, tokens entering each block, and model seconds for one batch."""
+def _forward(loaded: LoadedModel, images: Tensor, method: MergeConfig | None, amp: bool) -> Forward:
     model = loaded.model
     if method is not None:
         patch(model, method)
@@ -119,9 +132,9 @@ def _forward(loaded: LoadedModel, images: Tensor, method: MergeConfig | None,
         _synchronize(loaded.device)
         seconds = time.perf_counter() - started
         if method is None:
-            return logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds
+            return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds)
         trace = last_trace(model)
-        return logits, trace.gflops, tuple(trace.tokens[:-1]), seconds
+        return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds)
     finally:
         unpatch(model)
 
@@ -133,8 +146,7 @@ def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], m
     batches = list(batches) if max_batches is None else list(batches)[:max_batches]
     run = BatchRun()
     for done, (images, labels) in enumerate(batches, start=1):
-        logits, gflops, tokens, _ = _forward(loaded, images.to(loaded.device), method, amp)
-        run.add(logits, labels, gflops, tokens)
+        run.add(_forward(loaded, images.to(loaded.device), method, amp), labels)
         if progress is not None:
             progress(done, len(batches))
     return run
@@ -161,6 +173,8 @@ class EvalReport:
     model_seconds: float  # the method's forward passes, synchronised, after warm-up
     baseline_model_seconds: float
     end_to_end_seconds: float  # the pass's wall time without the unmerged model's forward passes
+    n_files: int  # images in the folder (readable or not)
+    interrupted: bool = False  # the pass stopped early: the figures cover the images measured so far
 
     @property
     def agreement(self) -> float:
@@ -197,17 +211,22 @@ class EvalReport:
             "end_to_end_images_per_sec": n / self.end_to_end_seconds,
             "tokens_per_layer": self.merged.tokens_per_layer,
             "baseline_tokens_per_layer": self.baseline.tokens_per_layer,
+            "interrupted": self.interrupted,
+            "n_files": self.n_files,
         }
 
 
 def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, batch_size: int, workers: int,
-             amp: bool = False, progress: Progress | None = None) -> EvalReport:
+             amp: bool = False, progress: Progress | None = None, keep_partial: bool = False) -> EvalReport:
     """One pass over `images`: each batch runs through the unmerged model and through `method`.
 
     Speeds are measured after one untimed warm-up forward of each model on the first batch.
     End-to-end time is the pass's wall time less the unmerged model's forward passes: loading,
     transfer and the method's model (the extra forward gives the loader slack, so the benchmark
     benchmarks/eval_loader.py measures the pipeline alone).
+
+    With `keep_partial`, an interrupt (Ctrl-C) after the first batch ends the pass early and the
+    report covers the batches finished (`interrupted` is then True); without it, it propagates.
     """
     check_method(loaded, method)
     loader = make_loader(images, batch_size, workers, loaded.device)
@@ -215,27 +234,34 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
     model_seconds = baseline_seconds = excluded_seconds = 0.0
     total = len(images.dataset)
     started = time.perf_counter()
-    for images_batch, labels in iterate_batches(images, loader):
-        images_batch = images_batch.to(loaded.device, non_blocking=True)
-        if not baseline.batch_sizes:
-            warm_up_started = time.perf_counter()
-            _forward(loaded, images_batch, None, amp)
-            if method is not None:
-                _forward(loaded, images_batch, method, amp)
-            excluded_seconds += time.perf_counter() - warm_up_started
-        logits, gflops, tokens, seconds = _forward(loaded, images_batch, None, amp)
-        baseline.add(logits, labels, gflops, tokens)
-        baseline_seconds += seconds
-        if method is None:
-            merged.add(logits, labels, gflops, tokens)
-            model_seconds += seconds
-        else:
-            excluded_seconds += seconds
-            logits, gflops, tokens, seconds = _forward(loaded, images_batch, method, amp)
-            merged.add(logits, labels, gflops, tokens)
-            model_seconds += seconds
-        if progress is not None:
-            progress(merged.n_images + images.skipped, total)
+    interrupted = False
+    try:
+        for images_batch, labels in iterate_batches(images, loader):
+            images_batch = images_batch.to(loaded.device, non_blocking=True)
+            if not baseline.batch_sizes:
+                warm_up_started = time.perf_counter()
+                _forward(loaded, images_batch, None, amp)
+                if method is not None:
+                    _forward(loaded, images_batch, method, amp)
+                excluded_seconds += time.perf_counter() - warm_up_started
+            unmerged = _forward(loaded, images_batch, None, amp)
+            baseline_seconds += unmerged.seconds
+            if method is None:
+                merging = unmerged
+            else:
+                excluded_seconds += unmerged.seconds
+                merging = _forward(loaded, images_batch, method, amp)
+            model_seconds += merging.seconds
+            # Both runs take the batch together, so an interrupted pass compares the same images.
+            baseline.add(unmerged, labels)
+            merged.add(merging, labels)
+            if progress is not None:
+                progress(merged.n_images + images.skipped, total)
+    except KeyboardInterrupt:
+        if not keep_partial or not merged.batch_sizes:
+            raise
+        interrupted = True
+        baseline.keep_first(len(merged.batch_sizes))  # the interrupt may fall between the two adds
     if not merged.batch_sizes:
         raise UsageError(f"no readable image in {images.root} ({images.skipped} unreadable)")
     name, params = describe_method(method, len(loaded.model.blocks))
@@ -257,4 +283,6 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
         model_seconds=model_seconds,
         baseline_model_seconds=baseline_seconds,
         end_to_end_seconds=time.perf_counter() - started - excluded_seconds,
+        n_files=images.n_files,
+        interrupted=interrupted,
     )
