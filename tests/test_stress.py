@@ -101,7 +101,7 @@ def test_stress_ladders_meet_the_tolerance_and_tome_r_plus_one_fails(demo, batch
         assert next_top1 < baseline_top1 - tolerance
 
 
-def test_an_interrupted_stress_test_keeps_the_methods_it_finished(demo, batches):
+def test_an_interrupted_stress_test_or_comparison_keeps_what_it_finished(demo, batches):
     def ctrl_c_after_the_first_method(done: int, total: int) -> None:
         raise KeyboardInterrupt
 
@@ -112,6 +112,12 @@ def test_an_interrupted_stress_test_keeps_the_methods_it_finished(demo, batches)
     assert partial.methods[0].top1 == pytest.approx(direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r))[0])
     with pytest.raises(KeyboardInterrupt):
         stress(demo, batches, methods=["tome"], progress=ctrl_c_after_the_first_method)
+
+    partial = compare(demo, batches, methods=["tome"], budgets=[0.8, 0.6], progress=ctrl_c_after_the_first_method,
+                      keep_partial=True)
+    assert partial.interrupted and [p.budget for p in partial.points] == [0.8]
+    assert partial.point("tome", 0.6) is None
+    assert partial.point("tome", 0.8).to_dict() == compare(demo, batches, methods=["tome"], budgets=[0.8]).points[0].to_dict()
 
 
 def test_stress_cli_json(demo):

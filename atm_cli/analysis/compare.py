@@ -45,14 +45,17 @@ class CompareReport:
     methods: list[str]
     budgets: list[float]
     points: list[ComparePoint]
+    interrupted: bool = False  # stopped early: `points` holds those finished before the interrupt
 
-    def point(self, method: str, budget: float) -> ComparePoint:
-        return next(p for p in self.points if p.method == method and p.budget == budget)
+    def point(self, method: str, budget: float) -> ComparePoint | None:
+        """The method's point at the budget (None: not reached before an interrupt)."""
+        return next((p for p in self.points if p.method == method and p.budget == budget), None)
 
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "n_images": self.n_images, "batch_size": self.batch_size, "methods": self.methods,
-                "budgets": self.budgets, "points": [p.to_dict() for p in self.points]}
+                "budgets": self.budgets, "points": [p.to_dict() for p in self.points],
+                "interrupted": self.interrupted}
 
 
 def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
@@ -82,8 +85,13 @@ def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
 
 
 def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
-            n_trials: int = 30, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> CompareReport:
-    """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs)."""
+            n_trials: int = 30, seed: int = 0, progress: Callable[[int, int], None] | None = None,
+            keep_partial: bool = False) -> CompareReport:
+    """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs).
+
+    With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the comparison early and
+    the report holds the points finished before it (`interrupted` is then True).
+    """
     check_methods(methods)
     known = ladders(loaded)
     outside = [b for b in budgets if not 0 < b < 1]
@@ -92,25 +100,32 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
     if not batches:
         raise UsageError("the comparison needs at least one image")
     baseline = run_batches(loaded, batches)
-    points, done, total = [], 0, len(methods) * len(budgets)
-    for method in methods:
-        for budget in budgets:
-            budget_gflops = budget * baseline.gflops
-            if method == "atm":
-                points.append(atm_within(loaded, batches, baseline, budget, budget_gflops, n_trials, seed))
-            else:
-                found = least_merging_within(loaded, batches, known[method], budget_gflops)
-                if found is None:
-                    points.append(ComparePoint(method, budget, budget_gflops, None, None, None))
-                else:
-                    step, run = found
-                    points.append(ComparePoint(method, budget, budget_gflops, run.top1, run.gflops,
-                                               known[method].params(step)))
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    points, total, interrupted = [], len(methods) * len(budgets), False
+    try:
+        for method in methods:
+            for budget in budgets:
+                points.append(point_within(loaded, batches, baseline, known, method, budget, n_trials, seed))
+                if progress is not None:
+                    progress(len(points), total)
+    except KeyboardInterrupt:
+        if not keep_partial:
+            raise
+        interrupted = True
     return CompareReport(baseline.top1, baseline.gflops, baseline.n_images, baseline.batch_sizes[0], list(methods),
-                         list(budgets), points)
+                         list(budgets), points, interrupted)
+
+
+def point_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, known: dict[str, Ladder], method: str,
+                 budget: float, n_trials: int, seed: int) -> ComparePoint:
+    """One method's point at one budget."""
+    budget_gflops = budget * baseline.gflops
+    if method == "atm":
+        return atm_within(loaded, batches, baseline, budget, budget_gflops, n_trials, seed)
+    found = least_merging_within(loaded, batches, known[method], budget_gflops)
+    if found is None:
+        return ComparePoint(method, budget, budget_gflops, None, None, None)
+    step, run = found
+    return ComparePoint(method, budget, budget_gflops, run.top1, run.gflops, known[method].params(step))
 
 
 def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget: float, budget_gflops: float,

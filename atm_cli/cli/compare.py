@@ -44,9 +44,14 @@ def command(
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
-        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress)
+        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,
+                         keep_partial=True)
     options.finish(console, compare_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
                    lambda path: plot_compare(report, path))
+    if report.interrupted:
+        console.print(f"interrupted: {len(report.points)} of {len(report.methods) * len(report.budgets)} points "
+                      "finished before it", highlight=False)
+        raise typer.Exit(options.INTERRUPTED_EXIT_CODE)
 
 
 def compare_table(report: CompareReport, model: str) -> Table:
@@ -59,6 +64,9 @@ def compare_table(report: CompareReport, model: str) -> Table:
         cells = []
         for budget in report.budgets:
             point = report.point(method, budget)
-            cells.append("out of reach" if point.top1 is None else f"{point.top1:.2f} ({point.gflops:.3g})")
+            if point is None:
+                cells.append("not run (interrupted)")
+            else:
+                cells.append("out of reach" if point.top1 is None else f"{point.top1:.2f} ({point.gflops:.3g})")
         table.add_row(method, *cells)
     return table
