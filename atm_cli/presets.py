@@ -314,15 +314,17 @@ def bundled_presets_dir() -> Path | None:
     return None
 
 
-def list_presets(model_name: str | None = None) -> list[Preset]:
-    """Every bundled preset (for one model when `model_name` is given), sorted by model, then GFLOPs."""
+def list_presets(model_name: str | None = None, checkpoint_sha256: str | None = None) -> list[Preset]:
+    """Every bundled preset, sorted by model, then GFLOPs: for one model when `model_name` is given,
+    and only those that fit its weights when `checkpoint_sha256` is given too."""
     folder = bundled_presets_dir()
     if folder is None:
         return []
     presets = [load_preset(path, force=True) for path in sorted(folder.glob("*.yaml"))]
     if model_name is not None:
         wanted = canonical_model_name(model_name)
-        presets = [p for p in presets if canonical_model_name(p.model.name) == wanted]
+        presets = [p for p in presets if canonical_model_name(p.model.name) == wanted and
+                   _fits_checkpoint(p, checkpoint_sha256)]
     return sorted(presets, key=lambda p: (p.model.name, -p.measured.gflops, p.name))
 
 
@@ -348,5 +350,5 @@ def default_preset_for(model_name: str, checkpoint_sha256: str | None = None) ->
     Other weights of the same architecture (a retrained checkpoint) fall back to no default: a
     setting calibrated on one set of weights says little about another's.
     """
-    defaults = [p for p in list_presets(model_name) if p.default and _fits_checkpoint(p, checkpoint_sha256)]
+    defaults = [p for p in list_presets(model_name, checkpoint_sha256) if p.default]
     return defaults[0] if defaults else None

@@ -228,6 +228,8 @@ def test_bundled_demo_presets_fit_the_bundled_weights_and_the_default_reproduces
     preset = default_preset_for(DEMO_MODEL_NAME)
     assert default_preset_for(DEMO_MODEL_NAME, demo.checkpoint_sha256) == preset
     assert default_preset_for(DEMO_MODEL_NAME, "0" * 64) is None  # other weights: no default setting
+    assert list_presets(DEMO_MODEL_NAME, demo.checkpoint_sha256) == presets
+    assert list_presets(DEMO_MODEL_NAME, "0" * 64) == []  # nor settings the calibration would start from
     assert preset.measured.data == "bundled:cifar10-eval" and preset.measured.data_limit is None
     report = evaluate(demo, load_image_folder(DEMO_EVAL_DATA, demo), preset.method, preset.batch_size, workers=0)
     assert report.data_fingerprint == preset.measured.data_fingerprint

@@ -103,9 +103,11 @@ def _search_batches(loaded: LoadedModel, batches: Batches, baseline: BatchRun, g
 
 
 def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:
-    """Bundled ATM presets for this model nearest the goal: made for the same goal first, then by
-    what they measured when made (GFLOPs share just under the budget; or the smallest top-1 drop)."""
-    presets = [p for p in list_presets(loaded.name) if p.method_name == "atm" and p.measured.baseline_gflops]
+    """Bundled ATM presets for this model (and these weights) nearest the goal: made for the same goal
+    first, then by what they measured when made (GFLOPs share just under the budget; or the smallest
+    top-1 drop)."""
+    presets = [p for p in list_presets(loaded.name, loaded.checkpoint_sha256)
+               if p.method_name == "atm" and p.measured.baseline_gflops]
 
     def ratio(p: Preset) -> float:
         return p.measured.gflops / p.measured.baseline_gflops
