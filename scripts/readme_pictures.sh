@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the README's "Stress test and pictures" figures on the embedded default model.
-# Needs the plot extra (pip install -e '.[plot]'); about 8 minutes on two idle CPU cores.
+# Needs the plot extra (pip install -e '.[plot]'); about 3 minutes on two idle CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/images

@@ -18,7 +18,10 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-DEMO_ARCH = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10)
+# DeiT's depth (12 blocks, so layer schedules look like DeiT's) at two thirds of DeiT-Tiny's width:
+# it trains 1.7x faster on the CPU than width 192 (204 against 119 images/s measured here), so
+# 22 epochs fit in the two-hour budget where width 192 managed 12 (75.7% against 63.8% top-1).
+DEMO_ARCH = dict(img_size=32, patch_size=4, embed_dim=128, depth=12, num_heads=4, mlp_ratio=4.0, num_classes=10)
 
 default_cfgs = generate_default_cfgs({
     f"{DEMO_MODEL_NAME}.cifar10": dict(
@@ -37,7 +40,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def atm_demo_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Tiny geometry (12 blocks, width 192, 3 heads) on 32x32 images with 4x4 patches."""
+    """12 blocks of width 128 with 4 heads on 32x32 images with 4x4 patches."""
     return build_model_with_cfg(
         VisionTransformer,
         DEMO_MODEL_NAME,
