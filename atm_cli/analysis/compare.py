@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import Interruptible, UsageError
 from ..engine import ATMConfig
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
 from .plotting import pyplot, save_figure
@@ -100,19 +100,15 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
     if not batches:
         raise UsageError("the comparison needs at least one image")
     baseline = run_batches(loaded, batches)
-    points, total, interrupted = [], len(methods) * len(budgets), False
-    try:
+    points, total = [], len(methods) * len(budgets)
+    with Interruptible(keep_partial) as stop:
         for method in methods:
             for budget in budgets:
                 points.append(point_within(loaded, batches, baseline, known, method, budget, n_trials, seed))
                 if progress is not None:
                     progress(len(points), total)
-    except KeyboardInterrupt:
-        if not keep_partial:
-            raise
-        interrupted = True
     return CompareReport(baseline.top1, baseline.gflops, baseline.n_images, baseline.batch_sizes[0], list(methods),
-                         list(budgets), points, interrupted)
+                         list(budgets), points, stop.interrupted)
 
 
 def point_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, known: dict[str, Ladder], method: str,

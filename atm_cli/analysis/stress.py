@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from torch import Tensor
 
 from ..engine import ATMConfig, MergeConfig, ToMeConfig
-from ..errors import UsageError
+from ..errors import Interruptible, UsageError
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
 
 Batches = Sequence[tuple[Tensor, Tensor]]
@@ -218,8 +218,8 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
     known = ladders(loaded)
     baseline = run_batches(loaded, batches)
     needed = required_correct(baseline, tolerance)
-    results, interrupted = [], False
-    try:
+    results = []
+    with Interruptible(keep_partial) as stop:
         for done, name in enumerate(methods, start=1):
             if name == "atm":
                 results.append(atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed))
@@ -227,12 +227,8 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
                 results.append(climb(loaded, batches, known[name], baseline, needed, lookahead))
             if progress is not None:
                 progress(done, len(methods))
-    except KeyboardInterrupt:
-        if not keep_partial:
-            raise
-        interrupted = True
     return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results,
-                        interrupted)
+                        stop.interrupted)
 
 
 def stress_space():

@@ -47,11 +47,9 @@ def command(
         report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,
                          keep_partial=True)
     options.finish(console, compare_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
-                   lambda path: plot_compare(report, path))
-    if report.interrupted:
-        console.print(f"interrupted: {len(report.points)} of {len(report.methods) * len(report.budgets)} points "
-                      "finished before it", highlight=False)
-        raise typer.Exit(options.INTERRUPTED_EXIT_CODE)
+                   lambda path: plot_compare(report, path),
+                   interrupted=f"{len(report.points)} of {len(report.methods) * len(report.budgets)} points finished "
+                   "before it" if report.interrupted else None)
 
 
 def compare_table(report: CompareReport, model: str) -> Table:

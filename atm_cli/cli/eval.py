@@ -91,11 +91,9 @@ def command(
     summary = Group(_result_table(report), Text(f"{report.method}: mean tokens entering each block\n{chart}"))
     options.finish(console, summary, result, json_output, plot,
                    lambda path: plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
-                                                      title=f"{report.model}: tokens merged per block"))
-    if report.interrupted:
-        console.print(f"interrupted: the figures cover the first {report.merged.n_images} of {report.n_files} images",
-                      highlight=False)
-        raise typer.Exit(options.INTERRUPTED_EXIT_CODE)
+                                                      title=f"{report.model}: tokens merged per block"),
+                   interrupted=f"the figures cover the first {report.merged.n_images} of {report.n_files} images"
+                   if report.interrupted else None)
 
 
 def _result_table(report: EvalReport) -> Table:

@@ -52,13 +52,17 @@ def check_plot(plot: Optional[Path]) -> None:
 
 
 def finish(console: Console, table: RenderableType, result: dict, json_output: bool, plot: Optional[Path] = None,
-           draw: Optional[Callable[[Path], Path]] = None) -> None:
-    """The table on stderr, the plot when asked, the JSON object on stdout when asked."""
+           draw: Optional[Callable[[Path], Path]] = None, interrupted: Optional[str] = None) -> None:
+    """The table on stderr, the plot when asked, the JSON object on stdout when asked; then, for a run
+    Ctrl-C cut short, what it kept (`interrupted`) and exit code 130."""
     console.print(table)
     if plot is not None:
         console.print(f"plot: {draw(plot)}", highlight=False)
     if json_output:
         typer.echo(json.dumps(result))
+    if interrupted is not None:
+        console.print(f"interrupted: {interrupted}", highlight=False)
+        raise typer.Exit(INTERRUPTED_EXIT_CODE)
 
 
 def methods_list(text: str) -> list[str]:

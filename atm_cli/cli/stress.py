@@ -45,11 +45,9 @@ def command(
     with options.progress_bar(console, "stress test (methods)") as progress:
         report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,
                         keep_partial=True)
-    options.finish(console, stress_table(report, prepared.loaded.name), report.to_dict(), json_output)
-    if report.interrupted:
-        done = ", ".join(result.method for result in report.methods) or "none"
-        console.print(f"interrupted: methods finished before it: {done}", highlight=False)
-        raise typer.Exit(options.INTERRUPTED_EXIT_CODE)
+    done = ", ".join(result.method for result in report.methods) or "none"
+    options.finish(console, stress_table(report, prepared.loaded.name), report.to_dict(), json_output,
+                   interrupted=f"methods finished before it: {done}" if report.interrupted else None)
 
 
 def stress_table(report: StressReport, model: str) -> Table:

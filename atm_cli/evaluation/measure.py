@@ -12,7 +12,7 @@ from torch import Tensor
 
 from atm_cli.engine import ATMConfig, MergeConfig, last_trace, patch, tome_schedule, unpatch
 from atm_cli.engine.config import resolve_split_layer
-from atm_cli.errors import UsageError
+from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
 from .models import LoadedModel
@@ -234,8 +234,7 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
     model_seconds = baseline_seconds = excluded_seconds = 0.0
     total = len(images.dataset)
     started = time.perf_counter()
-    interrupted = False
-    try:
+    with Interruptible(keep_partial) as stop:
         for images_batch, labels in iterate_batches(images, loader):
             images_batch = images_batch.to(loaded.device, non_blocking=True)
             if not baseline.batch_sizes:
@@ -257,10 +256,9 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
             merged.add(merging, labels)
             if progress is not None:
                 progress(merged.n_images + images.skipped, total)
-    except KeyboardInterrupt:
-        if not keep_partial or not merged.batch_sizes:
-            raise
-        interrupted = True
+    if stop.interrupted:
+        if not merged.batch_sizes:
+            raise KeyboardInterrupt  # nothing measured to report
         baseline.keep_first(len(merged.batch_sizes))  # the interrupt may fall between the two adds
     if not merged.batch_sizes:
         raise UsageError(f"no readable image in {images.root} ({images.skipped} unreadable)")
@@ -284,5 +282,5 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
         baseline_model_seconds=baseline_seconds,
         end_to_end_seconds=time.perf_counter() - started - excluded_seconds,
         n_files=images.n_files,
-        interrupted=interrupted,
+        interrupted=stop.interrupted,
     )
