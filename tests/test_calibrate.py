@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from atm_cli.calibration import (BatchOutcome, BudgetGoal, NoDropGoal, Search, SearchSpace, Tally, calibrate,
                                  reachable_gflops)
 from atm_cli.calibration.calibrate import CalibrationRequest
-from atm_cli.calibration.search import GFLOPS_SLACK, check_budget
+from atm_cli.calibration.search import GFLOPS_SLACK, _trails, check_budget, setting_key
 from atm_cli.calibration.study import open_storage, open_study
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, threshold_schedule
@@ -134,7 +134,8 @@ def test_forward_passes_are_counted_and_well_under_a_naive_search():
     source = HandBuilt()
     _, _, result = run_search(source, BudgetGoal(0.7), n_trials=30)
     assert result.forward_passes == source.images_run  # the stand-in's own count
-    assert result.forward_passes == sum(t.images for t in result.trials)
+    fresh = sum(t.images for t in result.trials if t.repeats is None)
+    assert fresh <= result.forward_passes <= sum(t.images for t in result.trials)
     assert result.naive_forward_passes == 2 * 30 * 600
     assert result.forward_passes + 600 <= 0.25 * result.naive_forward_passes  # baseline once, trials cut short
 
@@ -143,6 +144,67 @@ def test_known_good_settings_run_first():
     known = ATMConfig(alpha=0.99, beta=0.04, theta_min=0.86)
     _, _, result = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=3, known_good=[known])
     assert config_of(result.trials[0].params) == known
+
+
+def chance_of_finishing_level(seen: int, remaining: int, won: int, lost: int, rng, draws: int = 40000) -> float:
+    """By simulation: per-image loss/tie/win rates drawn from their posterior (flat Dirichlet) given
+    the images seen, then the remaining images drawn from those rates; how often the final gap is
+    above 0, counting a gap of exactly 0 half (the usual continuity correction for a normal model)."""
+    rates = rng.dirichlet([lost + 1, seen - won - lost + 1, won + 1], draws)
+    rest = rng.multinomial(remaining, rates)
+    gap = won - lost + rest[:, 2] - rest[:, 0]
+    return float((gap > 0).mean() + 0.5 * (gap == 0).mean())
+
+
+@pytest.mark.parametrize("seen,remaining", [(128, 872), (200, 800), (500, 500), (700, 300), (896, 104)])
+def test_a_trial_is_stopped_when_its_chance_of_finishing_level_is_below_phi_of_minus_z(seen, remaining):
+    rng = np.random.default_rng(0)
+    z, threshold = 1.0, 0.159  # Phi(-1)
+    for differ in (10, 30, 60):
+        for behind in range(0, differ + 1, 2):
+            lost, won = (differ + behind) // 2, (differ - behind) // 2
+            reference = np.zeros(seen, bool)
+            correct = np.zeros(seen, bool)
+            reference[:lost] = True
+            correct[lost:lost + won] = True
+            chance = chance_of_finishing_level(seen, remaining, won, lost, rng)
+            stopped = _trails(correct, reference, remaining, z)[2]
+            if abs(chance - threshold) > 0.01:  # the normal model's error, and the simulation's
+                assert stopped == (chance < threshold), (differ, behind, chance)
+
+
+def test_a_setting_with_the_thresholds_of_an_earlier_trial_is_read_back_not_run():
+    # alpha <= theta_min: every block's threshold is theta_min, whatever alpha and beta are.
+    flat = ATMConfig(alpha=0.945, beta=0.02, theta_min=0.945)
+    same = ATMConfig(alpha=0.945, beta=0.035, theta_min=0.945)
+    other = ATMConfig(alpha=0.95, beta=0.035, theta_min=0.945)  # block 1's threshold is 0.95
+    assert setting_key(flat, 12) == setting_key(same, 12) != setting_key(other, 12)
+    assert setting_key(flat, 12) != setting_key(ATMConfig(0.945, 0.02, 0.945, split_layer=3), 12)
+    source = HandBuilt()
+    _, _, result = run_search(source, NoDropGoal(100.0), n_trials=3, known_good=[flat, same, other])
+    first, repeat, third = result.trials
+    assert (first.repeats, repeat.repeats, third.repeats) == (None, 0, None)
+    assert first.state == repeat.state == "complete"  # a tolerance of 100 points
+    assert (repeat.top1, repeat.gflops) == (first.top1, first.gflops) == source.full(same)
+    assert source.images_run == result.forward_passes == 600 + third.images  # the repeat ran no image
+
+
+def test_a_repeat_of_a_pruned_setting_runs_only_the_batches_it_did_not_reach():
+    source = HandBuilt()
+    search = Search(source, reference_of(source), NoDropGoal(0.0), SearchSpace(), probe_batches=1)
+    study = open_study(None, None, search.goal, {}, 0, 2)
+    harsh = ATMConfig(alpha=0.945, beta=0.05, theta_min=0.8)  # merges hard: loses images from the first batch
+    study.enqueue_trial({"alpha": harsh.alpha, "beta": harsh.beta, "theta_min": harsh.theta_min})
+    study.optimize(search.objective, n_trials=1)
+    pruned = study.trials[0]
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.user_attrs["images"] < 600
+    images_before = source.images_run
+    study.enqueue_trial({"alpha": harsh.alpha, "beta": harsh.beta, "theta_min": harsh.theta_min})
+    study.optimize(search.objective, n_trials=1)
+    repeat = study.trials[1]
+    assert repeat.user_attrs["repeats_trial"] == 0 and repeat.state == optuna.trial.TrialState.PRUNED
+    assert repeat.user_attrs["images"] == pruned.user_attrs["images"]  # same batches, same verdict
+    assert source.images_run == images_before  # all of them read back
 
 
 def test_gflops_estimate_scales_by_complete_trials_batch_profiles():

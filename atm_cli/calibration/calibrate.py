@@ -14,8 +14,8 @@ from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
-from .search import (BatchOutcome, BudgetGoal, Finished, Goal, NoDropGoal, Search, SearchResult, Tally, TrialEvent,
-                     check_budget, pack_bits, reachable_gflops, unpack_bits)
+from .search import (BatchOutcome, BudgetGoal, Goal, NoDropGoal, Search, SearchResult, Tally, TrialEvent,
+                     check_budget, reachable_gflops)
 from .space import SearchSpace
 from .study import open_storage, open_study
 
@@ -183,10 +183,9 @@ class Measurement:
     data_fingerprint: str
 
     @classmethod
-    def of(cls, merged: Tally | Finished, reference: Tally, images: ImageSet) -> Measurement:
-        n_images = merged.n_images if isinstance(merged, Tally) else merged.images
+    def of(cls, merged: Tally, reference: Tally, images: ImageSet) -> Measurement:
         return cls(top1=merged.top1, top5=merged.top5, gflops=merged.gflops, baseline_top1=reference.top1,
-                   baseline_top5=reference.top5, baseline_gflops=reference.gflops, n_images=n_images,
+                   baseline_top5=reference.top5, baseline_gflops=reference.gflops, n_images=merged.n_images,
                    data=images.source, data_fingerprint=images.fingerprint)
 
 
@@ -221,6 +220,7 @@ class CalibrationReport:
             "n_trials": len(self.result.trials),
             "trials_run": self.result.trials_run,
             "trials_pruned": sum(t.state == "pruned" for t in self.result.trials),
+            "trials_repeated": sum(t.repeats is not None for t in self.result.trials),
             "forward_passes": self.forward_passes,
             "naive_forward_passes": self.result.naive_forward_passes,
             "report_forward_passes": self.report_forward_passes,
@@ -264,12 +264,12 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     forward_passes = 0
     cached = study.user_attrs.get(REFERENCE_ATTR)
     if cached is not None:
-        reference = _reference_from_cache(cached, source)
+        reference = Tally.from_record(cached)
     else:
         stage("running the unmerged model")
         reference = source.run_all(None)
         forward_passes += reference.n_images
-        study.set_user_attr(REFERENCE_ATTR, _reference_to_cache(reference))
+        study.set_user_attr(REFERENCE_ATTR, reference.to_record())
 
     reachable = None
     if isinstance(goal, BudgetGoal):
@@ -286,7 +286,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     forward_passes += result.forward_passes
     config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measurement.of(result.best, reference, images)
+    tuning = Measurement.of(result.best.tally, reference, images)
     reported, report_passes, shared = tuning, 0, True
     if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
         stage(f"measuring the best setting on {eval_data}")
@@ -303,21 +303,6 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
                              shared_images=shared, reachable_gflops=reachable, forward_passes=forward_passes,
                              report_forward_passes=report_passes, preset=preset)
-
-
-def _reference_to_cache(reference: Tally) -> dict:
-    return {"correct": pack_bits(reference.correct), "correct5": [o.correct5 for o in reference.outcomes],
-            "gflops": [o.gflops for o in reference.outcomes]}
-
-
-def _reference_from_cache(cached: dict, source: ModelBatches) -> Tally:
-    sizes = [len(labels) for _, labels in source.batches]
-    correct = unpack_bits(cached["correct"], sum(sizes))
-    tally, start = Tally(), 0
-    for size, correct5, gflops in zip(sizes, cached["correct5"], cached["gflops"]):
-        tally.add(BatchOutcome(correct=correct[start:start + size], correct5=correct5, gflops=gflops))
-        start += size
-    return tally
 
 
 def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, reported: Measurement,

@@ -7,13 +7,12 @@ after each batch. It is pruned as soon as it cannot win, or is unlikely to:
   accuracy is computed on the rest. Batches differ in GFLOPs (r adapts to their images) but
   alike for every setting, so the estimate scales the running GFLOPs by how the same batches
   compared with the whole set in complete trials, and allows for the spread of that ratio;
-- (budget) even all remaining images right could not reach the best trial's top-1; or, on the
-  images seen, it trails the best trial by more than Z_BUDGET standard deviations of a sign test
-  over the images where the two differ, a spread that narrows once fewer images remain than were
-  seen (a pruned near-tie costs little: the best stays);
+- (budget) even all remaining images right could not reach the best trial's top-1; or, from the
+  images where the two differ so far, its predicted final gap to the best trial is Z_BUDGET
+  standard deviations below zero (`_trails`; a pruned near-tie costs little: the best stays);
 - (no-drop) it already uses more GFLOPs than the best trial; or its wrong images already exceed
-  what the tolerance allows even if every remaining image were right; or it trails the unmerged
-  model by more than Z_NO_DROP standard deviations of the same sign test (stricter: a wrongly
+  what the tolerance allows even if every remaining image were right; or its predicted final gap
+  to the unmerged model is Z_NO_DROP standard deviations below the tolerance (stricter: a wrongly
   pruned trial here would have been a cheaper setting).
 
 Comparisons with the best trial start once a trial has met the goal on every image, so the
@@ -37,13 +36,16 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from atm_cli.engine import ATMConfig
+from atm_cli.engine import ATMConfig, threshold_schedule
+from atm_cli.engine.config import resolve_split_layer
 from atm_cli.errors import RunError, UsageError
 from atm_cli.evaluation import BatchRun
 
 from .space import DIGITS, SearchSpace
 
-# A trial trailing its reference by more than Z * sqrt(images where they differ) is stopped.
+# A trial is stopped when its chance of finishing level with its reference is below Phi(-Z):
+# 16% against the best trial, 7% against the unmerged model (a wrongly stopped no-drop trial
+# would have been a cheaper setting).
 Z_BUDGET = 1.0
 Z_NO_DROP = 1.5
 # GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
@@ -54,6 +56,9 @@ UNPROFILED_SLACK = 0.2
 CONSTRAINT = "goal"  # the name of the one constraint each trial records
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SETUP_ATTR = "atm_setup"
+SETTING_ATTR = "setting"  # a trial's setting_key
+OUTCOMES_ATTR = "outcomes"  # a trial's Tally.to_record()
+REPEATS_ATTR = "repeats_trial"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -118,6 +123,31 @@ class Tally:
     def gflops(self) -> float:
         return self.as_batch_run().gflops
 
+    def to_record(self) -> dict:
+        """Its per-image and per-batch results as JSON values, to store with a trial or the study."""
+        return {"sizes": [o.n for o in self.outcomes], "correct": pack_bits(self.correct),
+                "correct5": [o.correct5 for o in self.outcomes], "gflops": [o.gflops for o in self.outcomes]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Tally:
+        sizes = record["sizes"]
+        correct = unpack_bits(record["correct"], sum(sizes))
+        tally, start = cls(), 0
+        for size, correct5, gflops in zip(sizes, record["correct5"], record["gflops"]):
+            tally.add(BatchOutcome(correct=correct[start:start + size], correct5=correct5, gflops=gflops))
+            start += size
+        return tally
+
+
+def setting_key(config: ATMConfig, depth: int) -> str:
+    """What the engine runs for `config`: its per-block thresholds and split layer.
+
+    Settings with the same key merge identically, e.g. any alpha <= theta_min gives the constant
+    threshold theta_min whatever beta is, so the search runs such a setting only once.
+    """
+    thresholds = ",".join(f"{t:.9f}" for t in threshold_schedule(config, depth))
+    return f"{thresholds}|{resolve_split_layer(config, depth)}"
+
 
 @dataclass
 class Finished:
@@ -132,8 +162,16 @@ class Finished:
     images: int  # images this trial ran
     feasible: bool | None
     reason: str | None = None  # why it was pruned
-    correct: np.ndarray | None = None  # per image, complete trials only
-    batch_gflops: list[float] | None = None  # per batch, complete trials only
+    tally: Tally | None = None  # its results on the batches it ran
+    repeats: int | None = None  # the earlier trial of the same setting whose results it reused
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.tally.correct
+
+    @property
+    def batch_gflops(self) -> list[float]:
+        return [o.gflops for o in self.tally.outcomes]
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> Finished:
@@ -144,8 +182,8 @@ class Finished:
                    top1=attrs.get("top1"), top5=attrs.get("top5"), gflops=attrs.get("gflops"),
                    images=attrs.get("images", 0), feasible=None if constraint is None else constraint <= 0,
                    reason=attrs.get("pruned_because"),
-                   correct=unpack_bits(attrs["correct"], attrs["images"]) if "correct" in attrs else None,
-                   batch_gflops=attrs.get("batch_gflops"))
+                   tally=Tally.from_record(attrs[OUTCOMES_ATTR]) if OUTCOMES_ATTR in attrs else None,
+                   repeats=attrs.get(REPEATS_ATTR))
 
 
 @dataclass(frozen=True)
@@ -192,16 +230,19 @@ class Goal(Protocol):
 
 def _trails(correct: np.ndarray, reference: np.ndarray, remaining: int, z: float,
             allowed: float = 0.0) -> tuple[int, int, bool]:
-    """Images lost against `reference` on the same images, images where they differ, and the sign test.
+    """Images lost against `reference` on the same images, images where they differ, and the verdict.
 
-    Were the two equally good, the images lost would wander by about sqrt(differ) so far, and by
-    about sqrt(differ * remaining / seen) over the rest: once fewer images remain than were seen,
-    the gap that the rest could plausibly close shrinks with them.
+    The verdict is a futility test on the final gap G over all N = seen + remaining images. Per
+    image the two differ by -1, 0 or +1, with variance about differ / seen; with a flat prior on
+    the trial's per-image edge, G is predicted as normal with mean -lost * N / seen (the deficit
+    extrapolated) and variance differ * remaining * N / seen^2 (the remaining images' noise plus
+    the uncertain edge). The trial is stopped when G >= -allowed * N / seen is z standard
+    deviations away: lost - allowed > z * sqrt(differ * remaining / N).
     """
     seen = len(correct)
     lost = int(reference.sum()) - int(correct.sum())
     differ = int((correct != reference).sum())
-    spread = math.sqrt(differ * min(1.0, remaining / seen))
+    spread = math.sqrt(differ * remaining / (seen + remaining))
     return lost, differ, lost - allowed > 0 and lost - allowed > z * spread
 
 
@@ -351,7 +392,7 @@ class Search:
         """Complete trials with their per-image results (from the storage: every process's count)."""
         complete = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if "correct" in trial.user_attrs:
+            if OUTCOMES_ATTR in trial.user_attrs:
                 if trial.number not in self._decoded:
                     self._decoded[trial.number] = Finished.of(trial)
                 complete.append(self._decoded[trial.number])
@@ -379,14 +420,33 @@ class Search:
         at_seen = ratios[:, seen - 1]
         return tally.gflops / at_seen.mean(), GFLOPS_SLACK + 2 * at_seen.std()
 
+    @staticmethod
+    def known_outcomes(study: optuna.Study, setting: str) -> tuple[int | None, list[BatchOutcome]]:
+        """The finished trial of this setting that ran the most batches, and its results on them."""
+        number, known = None, []
+        for trial in study.get_trials(deepcopy=False, states=FINISHED):
+            attrs = trial.user_attrs
+            if attrs.get(SETTING_ATTR) == setting and len(attrs.get(OUTCOMES_ATTR, {}).get("sizes", ())) > len(known):
+                number, known = trial.number, Tally.from_record(attrs[OUTCOMES_ATTR]).outcomes
+        return number, known
+
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial, self.source.depth)
+        setting = setting_key(config, self.source.depth)
         trial.set_user_attr("worker", WORKER)  # which process ran it, when several share the study
+        trial.set_user_attr(SETTING_ATTR, setting)
         incumbent, ratios = self.incumbent(trial.study), self.gflops_ratios(trial.study)
+        # The engine is deterministic: batches an identical setting already ran are read back, not run.
+        repeats, known = self.known_outcomes(trial.study, setting)
+        if repeats is not None:
+            trial.set_user_attr(REPEATS_ATTR, repeats)
         tally = Tally()
         for index in range(self.source.n_batches):
-            outcome = self.source.run(config, index)
-            self.forward_passes += outcome.n
+            if index < len(known):
+                outcome = known[index]
+            else:
+                outcome = self.source.run(config, index)
+                self.forward_passes += outcome.n
             tally.add(outcome)
             if index + 1 == self.source.n_batches:
                 break
@@ -400,8 +460,6 @@ class Search:
                     trial.set_constraint(CONSTRAINT, verdict.constraint)
                 raise optuna.TrialPruned(verdict.reason)
         self._record(trial, tally)
-        trial.set_user_attr("correct", pack_bits(tally.correct))
-        trial.set_user_attr("batch_gflops", [o.gflops for o in tally.outcomes])
         trial.set_constraint(CONSTRAINT, self.goal.constraint(tally, self.reference))
         return self.goal.value(tally)
 
@@ -411,6 +469,7 @@ class Search:
         trial.set_user_attr("top5", tally.top5)
         trial.set_user_attr("gflops", tally.gflops)
         trial.set_user_attr("images", tally.n_images)
+        trial.set_user_attr(OUTCOMES_ATTR, tally.to_record())
 
     def run(self, study: optuna.Study, n_trials: int, timeout: float | None = None,
             known_good: Sequence[ATMConfig] = (),

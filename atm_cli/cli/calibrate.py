@@ -146,7 +146,8 @@ def _table(report: CalibrationReport, result: dict) -> Table:
 
 def _print_notes(console: Console, report: CalibrationReport, result: dict) -> None:
     share = 100.0 * result["forward_passes"] / result["naive_forward_passes"] if result["naive_forward_passes"] else 0
-    console.print(f"search: {result['trials_run']} trials here ({result['trials_pruned']} pruned in the study), "
+    console.print(f"search: {result['trials_run']} trials here ({result['trials_pruned']} pruned, "
+                  f"{result['trials_repeated']} repeating an earlier setting, in the study), "
                   f"{result['forward_passes']} images through the model vs {result['naive_forward_passes']} for a "
                   f"naive search ({share:.0f}%)", highlight=False)
     if report.reachable_gflops:
