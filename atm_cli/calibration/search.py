@@ -8,12 +8,11 @@ after each batch. It is pruned as soon as it cannot win, or is unlikely to:
   alike for every setting, so the estimate scales the running GFLOPs by how the same batches
   compared with the whole set in complete trials, and allows for the spread of that ratio;
 - (budget) even all remaining images right could not reach the best trial's top-1; or, from the
-  images where the two differ so far, its predicted final gap to the best trial is Z_BUDGET
-  standard deviations below zero (`_trails`; a pruned near-tie costs little: the best stays);
+  images where the two differ so far, its predicted final gap to the best trial is Z standard
+  deviations below zero (`_trails`);
 - (no-drop) it already uses more GFLOPs than the best trial; or its wrong images already exceed
   what the tolerance allows even if every remaining image were right; or its predicted final gap
-  to the unmerged model is Z_NO_DROP standard deviations below the tolerance (stricter: a wrongly
-  pruned trial here would have been a cheaper setting).
+  to the unmerged model is Z standard deviations below the tolerance.
 
 Comparisons with the best trial start once a trial has met the goal on every image, so the
 first feasible trials always run to the end.
@@ -43,11 +42,9 @@ from atm_cli.evaluation import BatchRun
 
 from .space import DIGITS, SearchSpace
 
-# A trial is stopped when its chance of finishing level with its reference is below Phi(-Z):
-# 16% against the best trial, 7% against the unmerged model (a wrongly stopped no-drop trial
-# would have been a cheaper setting).
-Z_BUDGET = 1.0
-Z_NO_DROP = 1.5
+# A trial is stopped when its chance of finishing level with its reference (the best trial, or the
+# unmerged model less the tolerance) is below Phi(-Z) = 16%.
+Z = 1.0
 # GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
 # ratios complete trials showed; before any trial completes, by UNPROFILED_SLACK (a batch of
 # CIFAR-10 images has been seen 16% off its set's mean).
@@ -275,7 +272,7 @@ class BudgetGoal:
         over = (estimate or tally.gflops) - self.target_gflops
         if tally.n_correct + standing.remaining < best.correct.sum():
             return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right", over)
-        lost, differ, trails = _trails(tally.correct, best.correct[:tally.n_images], standing.remaining, Z_BUDGET)
+        lost, differ, trails = _trails(tally.correct, best.correct[:tally.n_images], standing.remaining, Z)
         if trails:
             return Verdict(f"trails trial {best.number} by {lost} of the {differ} images where they differ "
                            f"(after {tally.n_images} images)", over)
@@ -314,7 +311,7 @@ class NoDropGoal:
         if tally.n_correct + standing.remaining < needed:
             return Verdict(f"{seen - tally.n_correct} wrong images already exceed the tolerance",
                            (needed - tally.n_correct - standing.remaining) * 100 / total)
-        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], standing.remaining, Z_NO_DROP,
+        lost, differ, trails = _trails(tally.correct, reference.correct[:seen], standing.remaining, Z,
                                        self.tolerance * seen / 100)
         if trails:
             return Verdict(f"loses {lost} of the {differ} images where it differs from the unmerged model "
