@@ -20,18 +20,11 @@ from typing import Any
 
 import yaml
 
-from .engine import ATMConfig, MergeConfig, ToMeConfig
+from .engine import METHODS, MethodConfig, method_config
 from .errors import UsageError
 from .models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
 SCHEMA_VERSION = 1
-METHODS = ("atm", "tome")
-# Parameters each method accepts in a preset, and whether they are required.
-METHOD_PARAMS: dict[str, dict[str, tuple[Any, bool]]] = {
-    "atm": {"alpha": (float, True), "beta": (float, True), "theta_min": (float, True),
-            "split_layer": (int | None, False), "prop_attn": (bool, False)},
-    "tome": {"r": (int | list[int], True), "inflection": (float | None, False), "prop_attn": (bool, False)},
-}
 
 
 @dataclass
@@ -76,7 +69,7 @@ class Provenance:
 
 @dataclass
 class Preset:
-    method_name: str = field(metadata={"yaml": "method"})  # "atm" or "tome"
+    method_name: str = field(metadata={"yaml": "method"})  # a name in the engine's method registry
     params: dict[str, Any]
     model: ModelInfo
     batch_size: int
@@ -93,14 +86,9 @@ class Preset:
         return self.path.stem if self.path is not None else None
 
     @property
-    def method(self) -> MergeConfig:
-        """The engine configuration this preset applies."""
-        p = self.params
-        if self.method_name == "atm":
-            return ATMConfig(alpha=p["alpha"], beta=p["beta"], theta_min=p["theta_min"],
-                             split_layer=p.get("split_layer"), prop_attn=p.get("prop_attn", True))
-        r = p["r"] if p.get("inflection") is None else (p["r"], p["inflection"])
-        return ToMeConfig(r=r, prop_attn=p.get("prop_attn", True))
+    def method(self) -> MethodConfig:
+        """The engine configuration this preset applies (the params were validated when it was read)."""
+        return method_config(self.method_name, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML document: what it is first, then what it was measured on and how it was made."""
@@ -134,22 +122,12 @@ def library_versions() -> dict[str, str | None]:
             (("atm", "atm-cli"), ("torch", "torch"), ("timm", "timm"), ("optuna", "optuna"))}
 
 
-def build_preset(method: MergeConfig, model: ModelInfo, batch_size: int, measured: Measured,
+def build_preset(method: MethodConfig, model: ModelInfo, batch_size: int, measured: Measured,
                  source: str = "atm calibrate", description: str | None = None, default: bool = False,
                  **provenance: Any) -> Preset:
     """A preset for an engine config, with this machine's library versions and today's date."""
-    if isinstance(method, ATMConfig):
-        method_name = "atm"
-        params = {"alpha": method.alpha, "beta": method.beta, "theta_min": method.theta_min,
-                  "split_layer": method.split_layer, "prop_attn": method.prop_attn}
-    elif isinstance(method, ToMeConfig):
-        method_name = "tome"
-        r, inflection = method.r if isinstance(method.r, tuple) else (method.r, None)
-        params = {"r": r if isinstance(r, int) else list(r), "inflection": inflection, "prop_attn": method.prop_attn}
-    else:
-        raise TypeError(f"expected ATMConfig or ToMeConfig, got {type(method).__name__}")
     stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), **library_versions()}
-    return Preset(method_name=method_name, params=params, model=model, batch_size=batch_size, measured=measured,
+    return Preset(method_name=method.NAME, params=method.to_params(), model=model, batch_size=batch_size, measured=measured,
                   provenance=Provenance(source=source, **{**stamp, **provenance}),
                   description=description, default=default)
 
@@ -223,21 +201,13 @@ def preset_from_dict(data: Any, where: str = "preset") -> Preset:
     preset = _build(Preset, data, where)
     if preset.method_name not in METHODS:
         raise UsageError(f"{where}: method must be one of {', '.join(METHODS)}, got {preset.method_name!r}")
-    _check_params(preset.method_name, preset.params, f"{where}: params")
+    try:
+        method_config(preset.method_name, preset.params)
+    except ValueError as error:
+        raise UsageError(f"{where}: params: {error}") from None
     if preset.batch_size < 1:
         raise UsageError(f"{where}: batch_size must be at least 1, got {preset.batch_size}")
     return preset
-
-
-def _check_params(method: str, params: dict[str, Any], where: str) -> None:
-    allowed = METHOD_PARAMS[method]
-    for key, value in params.items():
-        if key not in allowed:
-            raise UsageError(f"{where}: unknown key {key!r} for method {method} (known: {', '.join(allowed)})")
-        _check_type(value, allowed[key][0], f"{where}.{key}")
-    missing = [key for key, (_, required) in allowed.items() if required and key not in params]
-    if missing:
-        raise UsageError(f"{where}: missing {', '.join(missing)} for method {method}")
 
 
 def _yaml_fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -14,7 +14,7 @@ from atm_cli.engine.attention import attention_with_sizes
 from atm_cli.engine.merge import (Matching, adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted,
                                   size_distinctive_split)
 
-NO_MERGE_ATM = ATMConfig(alpha=1.5, beta=0.0, theta_min=1.5)  # thresholds above 1: nothing is ever similar enough
+NO_MERGE_ATM = ATMConfig(alpha=1.0, beta=0.0, theta_min=1.0)  # no cosine similarity exceeds 1: nothing merges
 EAGER_ATM = ATMConfig(alpha=0.5, beta=0.0, theta_min=0.5)  # low thresholds: random-weight models merge too
 
 # (timm name, constructor overrides): every family the engine must handle, all with random weights.
@@ -171,9 +171,9 @@ def test_threshold_schedule_by_hand():
 
 
 def test_tome_schedules():
-    assert tome_schedule(13, 4) == [13, 13, 13, 13]
-    assert tome_schedule([5, 4], 4) == [5, 4, 0, 0]
-    assert tome_schedule((8, 0.5), 5) == [4, 6, 8, 10, 12]  # from int(8 * 0.5) up to 2 * 8 - 4, evenly
+    assert tome_schedule(ToMeConfig(r=13), 4) == [13, 13, 13, 13]
+    assert tome_schedule(ToMeConfig(r=[5, 4]), 4) == [5, 4, 0, 0]
+    assert tome_schedule(ToMeConfig(r=8, inflection=0.5), 5) == [4, 6, 8, 10, 12]  # from int(8 * 0.5) up to 2 * 8 - 4, evenly
 
 
 def _matching_from_best(best: list[list[float]]) -> Matching:
@@ -236,7 +236,7 @@ def test_proportional_attention_equals_attention_over_duplicates(fused):
     sizes = [1, 3, 2, 1]
     duplicated = torch.cat([x[:, i:i + 1].expand(1, s, 8) for i, s in enumerate(sizes)], dim=1)
     with torch.no_grad():
-        out, keys = attention_with_sizes(attn, x, torch.tensor(sizes, dtype=torch.float).reshape(1, 4, 1))
+        out, keys, _ = attention_with_sizes(attn, x, torch.tensor(sizes, dtype=torch.float).reshape(1, 4, 1))
         reference = attn(duplicated)
     first_copy = torch.tensor([0, 1, 4, 6])
     torch.testing.assert_close(out, reference[:, first_copy], atol=1e-6, rtol=0)

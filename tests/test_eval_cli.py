@@ -71,7 +71,7 @@ def test_embedded_default_json_matches_a_direct_computation(tmp_path):
     assert (result["model"], result["model_tag"], result["method"]) == (DEMO_MODEL_NAME, "cifar10", "atm")
     assert result["checkpoint_sha256"] == hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()
     assert result["n_images"] == 20 and result["batch_size"] == 12 and result["skipped_images"] == 0
-    assert result["params"]["alpha"] == 0.985 and result["params"]["split_layer"] == 9
+    assert result["params"]["alpha"] == 0.985 and result["params"]["split_layer"] is None  # the default: round(0.75 L)
     assert result["baseline_top1"] == pytest.approx(percent_in_top(plain, 1))
     assert result["baseline_top5"] == pytest.approx(percent_in_top(plain, 5))
     assert result["top1"] == pytest.approx(percent_in_top(merged, 1))
@@ -103,7 +103,7 @@ def test_embedded_default_as_a_process():
 def test_tome_and_unmerged_methods(tiny_vit_dir, image_folder):
     result, outcome = run_eval("--model", tiny_vit_dir, "--data", image_folder, "--r", "2", "--json")
     assert outcome.exit_code == 0, outcome.stderr
-    assert result["method"] == "tome" and result["params"]["r"] == [2, 2]
+    assert result["method"] == "tome" and result["params"]["r"] == 2
     assert result["tokens_per_layer"] == [17, 15]  # 16 patches + class token, two merged in block 1
     assert result["gflops"] < result["baseline_gflops"]
 
@@ -118,11 +118,11 @@ def test_ctrl_c_prints_the_figures_so_far_and_exits_130(tiny_vit_dir, image_fold
 
     forward, calls = measure._forward, []
 
-    def forward_until_the_third_batch(*args):
+    def forward_until_the_third_batch(*args, **kwargs):
         calls.append(args)
         if len(calls) == 7:  # two warm-up passes, two batches of two passes each, then Ctrl-C
             raise KeyboardInterrupt
-        return forward(*args)
+        return forward(*args, **kwargs)
 
     monkeypatch.setattr(measure, "_forward", forward_until_the_third_batch)
     _, outcome = run_eval("--model", tiny_vit_dir, "--data", image_folder, "--batch-size", "5", "--r", "2", "--json")
@@ -188,9 +188,9 @@ def wrong_checkpoint(tmp_path) -> Path:
     ("unknown model", 2, "unknown model 'deit_smal_patch16_224'; did you mean deit_small_patch16_224"),
     ("checkpoint does not fit", 1, "does not fit atm_demo_vit_tiny_patch4_32"),
     ("missing checkpoint", 2, "checkpoint {tmp}/missing.pth does not exist"),
-    ("tome with atm flags", 2, "--alpha set ATM's thresholds; they contradict --method tome"),
-    ("tome without r", 2, "--method tome needs --r"),
-    ("r with none", 2, "--r is ToMe's parameter; it contradicts --method none"),
+    ("tome with atm flags", 2, "--alpha set atm's parameters; they contradict --method tome"),
+    ("tome without r", 2, "--method tome: tome needs r"),
+    ("r with none", 2, "--r set tome's parameters; they contradict --method none"),
     ("preset with flags", 2, "--preset sets the method"),
     ("checkpoint without pretrained", 2, "contradicts --no-pretrained"),
     ("results file type", 2, "--results-file must end in .csv or .json"),

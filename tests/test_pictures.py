@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from atm_cli.analysis.probe import merge_only_in, plot_probe, probe
 from atm_cli.analysis.visualize import load_pictures, plot_tokens_per_block, tokens_chart, visualize
 from atm_cli.cli.app import app
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, threshold_schedule, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch, threshold_schedule, unpatch
 from atm_cli.evaluation import DEMO_CALIB_DATA, DEMO_EVAL_DATA, load_image_folder, load_model, preload
 from atm_cli.models import DEMO_WEIGHTS
 
@@ -30,12 +30,9 @@ def demo():
 @torch.inference_mode()
 def engine_regions(model, picture, config) -> tuple[np.ndarray, int]:
     """Each patch's final token straight from the engine's source trace, and the tokens left."""
-    patch(model, config)
-    try:
+    with merging(model, config, trace_source=True):
         model(picture[None])
         source = last_trace(model).source[0]
-    finally:
-        unpatch(model)
     prefix = model.num_prefix_tokens
     assert torch.equal(source[prefix:, prefix:].sum(dim=0), torch.ones(source.shape[1] - prefix))  # a partition
     return source[prefix:, prefix:].argmax(dim=0).view(model.patch_embed.grid_size).numpy(), source.shape[0]
@@ -73,10 +70,10 @@ def test_visualize_draws_one_region_per_final_token(demo, tmp_path):
         drawn = result.methods[panel.method]
         if panel.method == "ATM":
             assert drawn == ATM
-            config = ATMConfig(alpha=ATM.alpha, beta=ATM.beta, theta_min=ATM.theta_min, trace_source=True,
+            config = ATMConfig(alpha=ATM.alpha, beta=ATM.beta, theta_min=ATM.theta_min,
                                prefix_only_last_block=False)
         else:
-            config = ToMeConfig(r=drawn.r, trace_source=True)
+            config = ToMeConfig(r=drawn.r)
         expected, tokens = engine_regions(demo.model, picture, config)
         colours = cell_colours(png, panel.box, panel.grid)
         assert panel.tokens == tokens

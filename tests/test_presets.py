@@ -57,7 +57,7 @@ def test_round_trip_keeps_every_field(tmp_path):
 
 
 def test_tome_preset_round_trip(tmp_path):
-    for method in (ToMeConfig(r=13), ToMeConfig(r=[4, 3, 2]), ToMeConfig(r=(8, -0.5))):
+    for method in (ToMeConfig(r=13), ToMeConfig(r=[4, 3, 2]), ToMeConfig(r=8, inflection=-0.5)):
         loaded = load_preset(save_preset(a_preset(method=method), tmp_path / "tome.yaml"))
         assert loaded.method == method
 
@@ -94,15 +94,15 @@ def set_key(document: dict, dotted: str, value) -> dict:
 @pytest.mark.parametrize("dotted, value, message", [
     ("colour", "red", "unknown key 'colour'"),
     ("measured.speed", 3.0, "measured: unknown key 'speed'"),
-    ("params.gamma", 0.5, "unknown key 'gamma' for method atm"),
+    ("params.gamma", 0.5, "unknown parameter 'gamma' for atm"),
     ("batch_size", "64", "batch_size must be an integer"),
     ("batch_size", True, "batch_size must be an integer"),
-    ("params.alpha", "high", "params.alpha must be a number"),
+    ("params.alpha", "high", "params: alpha: cannot read 'high' as a number"),
     ("measured.gflops", None, "measured.gflops must be a number"),
     ("model", "deit", "model: expected a mapping"),
     ("default", "yes", "default must be true or false"),
     ("schema_version", 2, "unknown schema_version 2"),
-    ("method", "evit", "method must be one of atm, tome"),
+    ("method", "nonsense", "method must be one of atm, tome"),  # then the other registered methods
     ("batch_size", 0, "batch_size must be at least 1"),
 ])
 def test_validation_errors_name_the_problem(tmp_path, dotted, value, message):
@@ -114,7 +114,7 @@ def test_validation_errors_name_the_problem(tmp_path, dotted, value, message):
 def test_missing_keys_and_bad_files(tmp_path):
     document = valid_document()
     del document["params"]["theta_min"]
-    with pytest.raises(UsageError, match="missing theta_min"):
+    with pytest.raises(UsageError, match="atm needs theta_min"):
         load_preset(write_yaml(tmp_path / "a.yaml", document))
     document = valid_document()
     del document["schema_version"]

@@ -135,7 +135,7 @@ def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget
                                                               seed, space)
     if found is None or found.best is None:
         return ComparePoint("atm", budget, budget_gflops, None, None, None)
-    _, params = describe_method(ATMConfig(**found.best.params), len(loaded.model.blocks))
+    _, params = describe_method(ATMConfig(**found.best.params))
     return ComparePoint("atm", budget, budget_gflops, found.best.top1, found.best.gflops, params)
 
 

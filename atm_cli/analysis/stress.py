@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
-from ..engine import ATMConfig, MergeConfig, ToMeConfig
+from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
 
@@ -35,7 +35,7 @@ class Ladder:
 
     method: str
     description: str
-    config: Callable[[int], MergeConfig]
+    config: Callable[[int], MethodConfig]
     params: Callable[[int], dict]
     top: int
 
@@ -129,7 +129,7 @@ def required_correct(baseline: BatchRun, tolerance: float) -> int:
     return math.ceil(sum(baseline.correct1) - tolerance * baseline.n_images / 100.0 - 1e-9)
 
 
-def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MergeConfig, needed: int) -> tuple[BatchRun, bool]:
+def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MethodConfig, needed: int) -> tuple[BatchRun, bool]:
     """Run batch by batch; stop once even all remaining images right could not reach `needed` correct."""
     run = BatchRun()
     remaining = sum(len(labels) for _, labels in batches)
@@ -250,6 +250,6 @@ def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, toler
     result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", baseline.top1, baseline.gflops, {},
                           trials, found.forward_passes)
     if found.best is not None:
-        _, result.params = describe_method(ATMConfig(**found.best.params), len(loaded.model.blocks))
+        _, result.params = describe_method(ATMConfig(**found.best.params))
         result.top1, result.gflops = found.best.top1, found.best.gflops
     return result

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.data import create_transform
 from torch import Tensor, nn
 
-from ..engine import ATMConfig, MergeConfig, ToMeConfig, last_trace, patch, unpatch
+from ..engine import ATMConfig, MethodConfig, ToMeConfig, last_trace, merging
 from ..errors import UsageError
 from ..evaluation import LoadedModel, run_batches
 from .compare import least_merging_within
@@ -53,7 +53,7 @@ class Panel:
 class Visualization:
     path: Path
     panels: list[Panel]
-    methods: dict[str, MergeConfig]  # each row's label -> the config drawn
+    methods: dict[str, MethodConfig]  # each row's label -> the config drawn
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "panels": [panel.to_dict() for panel in self.panels]}
@@ -80,23 +80,20 @@ def to_display(tensor: Tensor, data_config: Mapping) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
 
 
-def tracing(config: MergeConfig) -> MergeConfig:
-    """The config with source tracking on and, for ATM, the last block merging as any other."""
+def tracing(config: MethodConfig) -> MethodConfig:
+    """The config with, for ATM, the last block merging as any other (so every patch has a region)."""
     if isinstance(config, ATMConfig):
-        return replace(config, trace_source=True, prefix_only_last_block=False)
-    return replace(config, trace_source=True)
+        return replace(config, prefix_only_last_block=False)
+    return config
 
 
 @torch.inference_mode()
-def region_labels(model: nn.Module, image: Tensor, config: MergeConfig) -> tuple[np.ndarray, int]:
+def region_labels(model: nn.Module, image: Tensor, config: MethodConfig) -> tuple[np.ndarray, int]:
     """Which final token holds each patch, as a (rows, columns) grid, and the tokens left (prefix included)."""
     device = next(model.parameters()).device
-    patch(model, tracing(config))
-    try:
+    with merging(model, tracing(config), trace_source=True):
         model(image[None].to(device))
         source = last_trace(model).source[0]  # (N_final, N_0): final tokens x input tokens
-    finally:
-        unpatch(model)
     prefix = model.num_prefix_tokens
     holders = source[prefix:, prefix:].argmax(dim=0)  # every input patch sits in exactly one final token
     rows, columns = model.patch_embed.grid_size
@@ -144,7 +141,7 @@ def paint_regions(picture: Image.Image, labels: np.ndarray) -> Image.Image:
     return painted
 
 
-def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: MergeConfig) -> ToMeConfig:
+def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: MethodConfig) -> ToMeConfig:
     """ToMe with the least r whose GFLOPs do not exceed `config`'s mean over the pictures, each run alone."""
     labels = torch.zeros(1, dtype=torch.long)
     target = sum(run_batches(loaded, [(picture[None], labels)], config).gflops for picture in pictures) / len(pictures)
@@ -154,13 +151,13 @@ def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: Merge
     return ladder.config(found[0] if found is not None else ladder.top)
 
 
-def method_label(config: MergeConfig) -> str:
+def method_label(config: MethodConfig) -> str:
     if isinstance(config, ToMeConfig):
         return f"ToMe r={config.r}"
     return "ATM"
 
 
-def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MergeConfig, out: str | Path,
+def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MethodConfig, out: str | Path,
               beside_tome: bool = False, panel_pixels: int = PANEL_PIXELS) -> Visualization:
     """One column per image: the image, then its merged regions under `method`.
 

@@ -146,6 +146,7 @@ class CalibrationRequest:
     batch_size: int = 128
     workers: int = 0
     device: str = "auto"
+    precision: str = "fp32"
     storage: str | None = None
     study_name: str | None = None
     out: Path | None = None
@@ -237,7 +238,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     request.check()
     stage = on_stage or (lambda message: None)
     stage(f"loading {request.model}")
-    loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device)
+    loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision)
     request.space.validate(len(loaded.model.blocks))
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
     if request.data is None and not demo_defaults:
@@ -255,7 +256,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
 
     stage(f"loading images from {data}")
     images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
-    batches = preload(images, request.batch_size, request.workers)
+    batches = preload(images, request.batch_size, request.workers, loaded.device)
     source = ModelBatches(loaded, batches)
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
              "batch_size": request.batch_size, "goal": goal.describe(), "space": request.space.to_dict()}

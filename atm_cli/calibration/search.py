@@ -36,7 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from atm_cli.engine import ATMConfig, threshold_schedule
-from atm_cli.engine.config import resolve_split_layer
+from atm_cli.engine import resolve_split_layer
 from atm_cli.errors import RunError, UsageError
 from atm_cli.evaluation import BatchRun
 

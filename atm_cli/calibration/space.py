@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import optuna
 
 from atm_cli.engine import ATMConfig
-from atm_cli.engine.config import resolve_split_layer
+from atm_cli.engine import resolve_split_layer
 from atm_cli.errors import UsageError
 
 # The paper's sweep (Appendix D): these ranges, every 0.005.

@@ -75,7 +75,8 @@ def command(
     batch_size: int = typer.Option(128, "--batch-size", min=1,
                                    help="Images per batch (ATM's r depends on it; the preset records it)."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes (images are loaded once)."),
-    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda"),
+    device: str = options.DEVICE,
+    precision: str = options.PRECISION,
     out: Optional[Path] = typer.Option(None, "--out", metavar="PRESET.yaml", help="Write the preset here."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -91,7 +92,7 @@ def command(
         model=model, checkpoint=checkpoint, pretrained=pretrained, data=data, eval_data=eval_data, limit=limit,
         target_gflops=target_gflops, target_reduction=target_reduction, no_drop=no_drop, tolerance=tolerance,
         n_trials=n_trials, timeout=timeout, seed=seed, space=space, batch_size=batch_size, workers=workers,
-        device=device, storage=storage, study_name=study_name, out=out)
+        device=device, precision=precision, storage=storage, study_name=study_name, out=out)
     request.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
 

@@ -29,6 +29,7 @@ def command(
     limit: Optional[int] = options.LIMIT,
     seed: int = options.SEED,
     device: str = options.DEVICE,
+    precision: str = options.PRECISION,
     json_output: bool = options.JSON,
 ) -> None:
     """Top-1 of each method at each GFLOPs budget, all on the same batches.
@@ -42,7 +43,7 @@ def command(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
-                               seed, device)
+                               seed, device, precision)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
         report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,
                          keep_partial=True)

@@ -5,7 +5,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console, Group
@@ -20,7 +20,7 @@ from atm_cli.models import DEMO_MODEL_ALIAS
 
 from . import method_options as methods
 from . import model_data as options
-from .method_options import MethodFlags, MethodName
+from .method_options import MethodFlags
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -38,7 +38,8 @@ def command(
                                              help="Folder -> class index (JSON object or 'folder index' lines), "
                                                   "instead of matching folder names to the model's labels."),
     strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
-    method: Optional[MethodName] = methods.METHOD,
+    method: Optional[str] = methods.METHOD,
+    set_: Optional[List[str]] = methods.SET,
     preset: Optional[str] = methods.PRESET,
     force: bool = methods.FORCE,
     alpha: Optional[float] = methods.ALPHA,
@@ -51,7 +52,7 @@ def command(
                                                   f"preset's, else {DEFAULT_BATCH_SIZE}."),
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="Image loading processes."),
     device: str = options.DEVICE,
-    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    precision: str = options.PRECISION,
     limit: Optional[int] = options.LIMIT,
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
     json_output: bool = options.JSON,
@@ -60,13 +61,13 @@ def command(
     plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
-    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
+    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r, set_)
     if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
     options.check_plot(plot)
 
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device)
+    loaded = options.load(console, model, checkpoint, pretrained, device, precision)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,
@@ -75,7 +76,7 @@ def command(
                   f"{loaded.device}; method: {choice.source}", highlight=False, soft_wrap=True)
 
     with options.progress_bar(console, "evaluating") as progress:
-        report = evaluate(loaded, images, choice.config, batch_size, workers, amp, progress=progress,
+        report = evaluate(loaded, images, choice.config, batch_size, workers, progress=progress,
                           keep_partial=True)
 
     result = report.to_dict()

@@ -26,7 +26,10 @@ PRETRAINED = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretr
 BATCH_SIZE = typer.Option(128, "--batch-size", min=1, help="Images per batch (ATM's r depends on it).")
 LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset of this many images.")
 SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
-DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda")
+DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda|cuda:N")
+PRECISION = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
+                         help="Autocast dtype of the model (fp16 needs CUDA). The engine scores and merges in "
+                              "float32 whatever it is.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C
 
@@ -87,24 +90,27 @@ class Prepared:
     data: Path
 
 
-def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str) -> LoadedModel:
+def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str,
+         precision: str = "fp32") -> LoadedModel:
     """The model the flags name, loaded behind a spinner."""
     with console.status(f"loading {model}"):
-        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device, precision=precision)
 
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
-            default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str) -> Prepared:
+            default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str,
+            precision: str = "fp32") -> Prepared:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
-    loaded = load(console, model, checkpoint, pretrained, device)
+    loaded = load(console, model, checkpoint, pretrained, device, precision)
     with console.status("loading images"):
         root = data if data is not None else default_data
         images = load_image_folder(root, loaded, limit=limit, seed=seed)
-        batches = preload(images, batch_size)
+        batches = preload(images, batch_size, device=loaded.device)
     if images.skipped:
         console.print(f"skipped {images.skipped} unreadable image(s)", highlight=False)
     n_images = sum(len(labels) for _, labels in batches)
-    console.print(f"{loaded.name}: {n_images} images from {root}, batch {batch_size}, {loaded.device}", highlight=False)
+    console.print(f"{loaded.name}: {n_images} images from {root}, batch {batch_size}, {loaded.device}, "
+                  f"{loaded.precision}", highlight=False)
     return Prepared(loaded, batches, n_images, root)
 
 

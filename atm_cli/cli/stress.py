@@ -28,6 +28,7 @@ def command(
     limit: Optional[int] = options.LIMIT,
     seed: int = options.SEED,
     device: str = options.DEVICE,
+    precision: str = options.PRECISION,
     json_output: bool = options.JSON,
 ) -> None:
     """The largest GFLOPs saving each method reaches with top-1 >= the unmerged model's minus the tolerance.
@@ -41,7 +42,7 @@ def command(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
-                               seed, device)
+                               seed, device, precision)
     with options.progress_bar(console, "stress test (methods)") as progress:
         report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,
                         keep_partial=True)

@@ -13,7 +13,7 @@ from atm_cli.errors import UsageError
 
 from . import method_options
 from . import model_data as options
-from .method_options import MethodFlags, MethodName
+from .method_options import MethodFlags
 
 
 def command(
@@ -22,7 +22,8 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     pretrained: bool = options.PRETRAINED,
-    method: Optional[MethodName] = method_options.METHOD,
+    method: Optional[str] = method_options.METHOD,
+    set_: Optional[List[str]] = method_options.SET,
     preset: Optional[str] = method_options.PRESET,
     force: bool = method_options.FORCE,
     alpha: Optional[float] = method_options.ALPHA,
@@ -41,7 +42,7 @@ def command(
     ATM's last block merges at its threshold here, as in the paper's figures (the logits are the same).
     The number under each picture is the tokens left, class token included.
     """
-    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
+    flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r, set_)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {out}")
     console = Console(stderr=True)

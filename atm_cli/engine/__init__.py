@@ -1,10 +1,22 @@
-"""The merging engine: patch a timm VisionTransformer to merge tokens by ATM or ToMe.
+"""The merging engine: patch a timm VisionTransformer to merge (or prune) tokens by any registered method.
 
 It knows nothing of files, the command line or the search; every front end drives it through
-`patch`, `unpatch` and `last_trace`.
+`patch`/`unpatch` (or `with merging(model, config):`) and `last_trace`. Method configs and the
+registry import without torch; the names that need it load on first use.
 """
-from .config import ATMConfig, MergeConfig, ToMeConfig, threshold_schedule, tome_schedule
-from .patch import Trace, last_trace, patch, unpatch
+from importlib import import_module
 
-__all__ = ["ATMConfig", "ToMeConfig", "MergeConfig", "Trace", "patch", "unpatch", "last_trace",
-           "threshold_schedule", "tome_schedule"]
+from .methods import (METHODS, ATMConfig, MethodConfig, ToMeConfig, method_class, method_config, resolve_split_layer,
+                      threshold_schedule, tome_schedule)
+
+_LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "MethodConfig", "method_class", "method_config",
+           "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]

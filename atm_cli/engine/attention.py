@@ -6,11 +6,14 @@ from torch import Tensor
 from timm.layers import Attention
 
 
-def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Return the attention output and the keys averaged over heads, (B, N, head_dim).
+def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None,
+                         with_probabilities: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Return the attention output, the keys averaged over heads (B, N, head_dim), and, when asked, the
+    attention probabilities averaged over heads (B, N, N), which methods such as EViT score tokens by.
 
     With `size`, each key's logit gets + log(size) (the paper's proportional attention, App. A):
-    an additive float mask for `scaled_dot_product_attention`, so the fused kernel stays in use.
+    an additive float mask for `scaled_dot_product_attention`, so the fused kernel stays in use
+    unless the probabilities are wanted.
     """
     batch, n_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -19,15 +22,18 @@ def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None) -> tup
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else size.log().to(q.dtype).reshape(batch, 1, 1, n_tokens)
 
-    if attn.fused_attn:
+    probabilities = None
+    if attn.fused_attn and not with_probabilities:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+        weights = logits.softmax(dim=-1)
+        probabilities = weights.mean(dim=1) if with_probabilities else None
+        out = attn.attn_drop(weights) @ v
 
     out = attn.norm(out.transpose(1, 2).reshape(batch, n_tokens, -1))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1), probabilities

@@ -8,11 +8,11 @@ from torch import nn
 
 @dataclass(frozen=True)
 class BlockStep:
-    """Token counts of one block: entering it, after its merge step, and the similarity matrix it built."""
+    """Token counts of one block: entering it and after its reduction step, and that step's own work."""
 
     tokens_in: int
     tokens_after_merge: int
-    similarity_shape: tuple[int, int, int] = (0, 0, 0)  # |a|, |b|, head_dim
+    step_macs: int = 0  # per image: e.g. the similarity product |a| * |b| * head_dim
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -51,9 +51,8 @@ class Geometry:
         flops = (steps[0].tokens_in - self.num_prefix) * self.patch_macs
         for i, step in enumerate(steps):
             n, n_merged = step.tokens_in, step.tokens_after_merge
-            a, b, head_dim = step.similarity_shape
             flops += 5 * n * d + n * self.attn_linear_macs[i] + 2 * n * n * self.attn_widths[i]  # norm1, attention
-            flops += a * b * head_dim  # the merge step's own similarity product
+            flops += step.step_macs  # the reduction step's own work
             flops += 5 * n_merged * d + n_merged * self.mlp_macs[i]  # norm2, MLP
         flops += 5 * final_tokens * d + self.head_macs  # final norm, head(s)
         return flops / 1e9

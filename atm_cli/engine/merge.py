@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .methods.base import Reduction
+
+# Keys of zero norm (possible in half precision) normalise to zero instead of NaN, which would sort first.
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -49,8 +55,12 @@ def size_distinctive_split(size: Tensor | None, batch: int, n_tokens: int, num_p
 
 
 def bipartite_match(metric: Tensor, a_pos: Tensor, b_pos: Tensor, a_prefix: int, b_prefix: int) -> Matching:
-    """Cosine similarity of every a-token to every b-token; prefix tokens can be neither source nor destination."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    """Cosine similarity of every a-token to every b-token; prefix tokens can be neither source nor destination.
+
+    Scores are float32 whatever the model's precision: a threshold compared on the bfloat16 grid
+    (spacing 0.004 near 0.9) would move token counts between precisions.
+    """
+    metric = F.normalize(metric.float(), dim=-1, eps=NORM_EPS)
     dim = metric.shape[-1]
     a = metric.gather(1, a_pos[..., None].expand(-1, -1, dim))
     b = metric.gather(1, b_pos[..., None].expand(-1, -1, dim))
@@ -98,8 +108,21 @@ def merge_closure(matching: Matching, r: int, num_prefix: int) -> Callable[[Tens
 
 
 def merge_weighted(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of merged tokens; sizes add."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])
+    """Size-weighted average of merged tokens, accumulated in float32 (x * size overflows float16); sizes add."""
+    size = torch.ones_like(x[..., :1], dtype=torch.float32) if size is None else size
     merged_size = merge_sum(size)
-    return merge_sum(x * size) / merged_size, merged_size
+    return (merge_sum(x.float() * size) / merged_size).to(x.dtype), merged_size
+
+
+def weighted_reduction(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: Tensor | None,
+                       extra_macs: int = 0) -> Reduction:
+    """The Reduction of a merge closure: size-weighted tokens, added sizes, and the closure for other maps."""
+    merged_x, merged_size = merge_weighted(merge_sum, x, size)
+    return Reduction(merged_x, merged_size, merge_sum, extra_macs)
+
+
+def keep_tokens(keep: Tensor) -> Callable[[Tensor], Tensor]:
+    """The closure that keeps the tokens at positions `keep` (B, N') of each image, in that order (pruning)."""
+    def gather(t: Tensor) -> Tensor:
+        return t.gather(1, keep[..., None].expand(-1, -1, t.shape[-1]))
+    return gather

@@ -10,12 +10,11 @@ import torch
 from timm.utils import accuracy
 from torch import Tensor
 
-from atm_cli.engine import ATMConfig, MergeConfig, last_trace, patch, tome_schedule, unpatch
-from atm_cli.engine.config import resolve_split_layer
+from atm_cli.engine import MethodConfig, last_trace, merging, patch, unpatch
 from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
-from .models import LoadedModel
+from .models import LoadedModel, autocast
 
 Progress = Callable[[int, int], None]
 
@@ -74,7 +73,7 @@ class BatchRun:
 
     def add(self, forward: Forward, labels: Tensor) -> None:
         logits = forward.logits
-        top1, top5 = accuracy(logits.float(), labels, topk=(1, 5))
+        top1, top5 = accuracy(logits.float(), labels.to(logits.device), topk=(1, 5))
         n = len(labels)
         # timm returns percentages of the batch; counts keep totals exact across batches of any size.
         self.batch_sizes.append(n)
@@ -85,20 +84,12 @@ class BatchRun:
         self.batch_predictions.append(logits.argmax(dim=1).cpu())
 
 
-def describe_method(method: MergeConfig | None, depth: int) -> tuple[str, dict]:
-    """The method's name and its parameters as plain values (resolved for a `depth`-block model)."""
-    if method is None:
-        return "none", {}
-    if isinstance(method, ATMConfig):
-        params = {"alpha": method.alpha, "beta": method.beta, "theta_min": method.theta_min,
-                  "split_layer": resolve_split_layer(method, depth), "prop_attn": method.prop_attn}
-        if method.block_thresholds is not None:
-            params["block_thresholds"] = list(method.block_thresholds)
-        return "atm", params
-    return "tome", {"r": tome_schedule(method.r, depth), "prop_attn": method.prop_attn}
+def describe_method(method: MethodConfig | None) -> tuple[str, dict]:
+    """The method's registry name and its parameters as plain values ("none" for the unmerged model)."""
+    return ("none", {}) if method is None else (method.NAME, method.to_params())
 
 
-def check_method(loaded: LoadedModel, method: MergeConfig | None) -> None:
+def check_method(loaded: LoadedModel, method: MethodConfig | None) -> None:
     """Fail before any image is loaded when the engine rejects the config for this model."""
     if method is None:
         return
@@ -110,45 +101,36 @@ def check_method(loaded: LoadedModel, method: MergeConfig | None) -> None:
         unpatch(loaded.model)
 
 
-def _autocast(loaded: LoadedModel, amp: bool):
-    dtype = torch.float16 if loaded.device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=loaded.device.type, dtype=dtype, enabled=amp)
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _forward(loaded: LoadedModel, images: Tensor, method: MergeConfig | None, amp: bool) -> Forward:
-    model = loaded.model
-    if method is not None:
-        patch(model, method)
-    try:
-        _synchronize(loaded.device)
-        started = time.perf_counter()
-        with torch.inference_mode(), _autocast(loaded, amp):
-            logits = model(images)
-        _synchronize(loaded.device)
-        seconds = time.perf_counter() - started
-        if method is None:
-            return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds)
-        trace = last_trace(model)
-        return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds)
-    finally:
-        unpatch(model)
+def _forward(loaded: LoadedModel, images: Tensor, merged: bool) -> Forward:
+    """One batch through `loaded.model` as it is now (patched when `merged`), at the model's precision."""
+    _synchronize(loaded.device)
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(loaded):
+        logits = loaded.model(images.to(loaded.device, non_blocking=True))
+    _synchronize(loaded.device)
+    seconds = time.perf_counter() - started
+    if not merged:
+        return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds)
+    trace = last_trace(loaded.model)
+    return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds)
 
 
-def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MergeConfig | None = None,
-                max_batches: int | None = None, amp: bool = False, progress: Progress | None = None) -> BatchRun:
+def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MethodConfig | None = None,
+                max_batches: int | None = None, progress: Progress | None = None) -> BatchRun:
     """Run `method` (None: the unmerged model) on the batches, the first `max_batches` of them if given."""
     check_method(loaded, method)
     batches = list(batches) if max_batches is None else list(batches)[:max_batches]
     run = BatchRun()
-    for done, (images, labels) in enumerate(batches, start=1):
-        run.add(_forward(loaded, images.to(loaded.device), method, amp), labels)
-        if progress is not None:
-            progress(done, len(batches))
+    with merging(loaded.model, method):
+        for done, (images, labels) in enumerate(batches, start=1):
+            run.add(_forward(loaded, images, method is not None), labels)
+            if progress is not None:
+                progress(done, len(batches))
     return run
 
 
@@ -163,7 +145,7 @@ class EvalReport:
     params: dict
     batch_size: int
     device: str
-    amp: bool
+    precision: str
     workers: int
     data: str
     data_fingerprint: str
@@ -194,7 +176,7 @@ class EvalReport:
             "skipped_images": self.skipped_images,
             "batch_size": self.batch_size,
             "device": self.device,
-            "amp": self.amp,
+            "precision": self.precision,
             "workers": self.workers,
             "data": self.data,
             "data_fingerprint": self.data_fingerprint,
@@ -216,8 +198,8 @@ class EvalReport:
         }
 
 
-def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, batch_size: int, workers: int,
-             amp: bool = False, progress: Progress | None = None, keep_partial: bool = False) -> EvalReport:
+def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None, batch_size: int, workers: int,
+             progress: Progress | None = None, keep_partial: bool = False) -> EvalReport:
     """One pass over `images`: each batch runs through the unmerged model and through `method`.
 
     Speeds are measured after one untimed warm-up forward of each model on the first batch.
@@ -239,21 +221,22 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
             images_batch = images_batch.to(loaded.device, non_blocking=True)
             if not baseline.batch_sizes:
                 warm_up_started = time.perf_counter()
-                _forward(loaded, images_batch, None, amp)
-                if method is not None:
-                    _forward(loaded, images_batch, method, amp)
+                _forward(loaded, images_batch, merged=False)
+                with merging(loaded.model, method):
+                    _forward(loaded, images_batch, merged=method is not None)
                 excluded_seconds += time.perf_counter() - warm_up_started
-            unmerged = _forward(loaded, images_batch, None, amp)
+            unmerged = _forward(loaded, images_batch, merged=False)
             baseline_seconds += unmerged.seconds
             if method is None:
-                merging = unmerged
+                merged_forward = unmerged
             else:
                 excluded_seconds += unmerged.seconds
-                merging = _forward(loaded, images_batch, method, amp)
-            model_seconds += merging.seconds
+                with merging(loaded.model, method):
+                    merged_forward = _forward(loaded, images_batch, merged=True)
+            model_seconds += merged_forward.seconds
             # Both runs take the batch together, so an interrupted pass compares the same images.
             baseline.add(unmerged, labels)
-            merged.add(merging, labels)
+            merged.add(merged_forward, labels)
             if progress is not None:
                 progress(merged.n_images + images.skipped, total)
     if stop.interrupted:
@@ -262,7 +245,7 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
         baseline.keep_first(len(merged.batch_sizes))  # the interrupt may fall between the two adds
     if not merged.batch_sizes:
         raise UsageError(f"no readable image in {images.root} ({images.skipped} unreadable)")
-    name, params = describe_method(method, len(loaded.model.blocks))
+    name, params = describe_method(method)
     return EvalReport(
         model=loaded.name,
         model_tag=loaded.tag,
@@ -271,7 +254,7 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MergeConfig | None, 
         params=params,
         batch_size=batch_size,
         device=str(loaded.device),
-        amp=amp,
+        precision=loaded.precision,
         workers=workers,
         data=images.source,
         data_fingerprint=images.fingerprint,

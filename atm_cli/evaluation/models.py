@@ -17,6 +17,7 @@ from atm_cli.errors import RunError, UsageError
 from atm_cli.models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
 MODEL_SOURCES = ("hf-hub:", "local-dir:")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LoadedModel:
     data_config: dict  # timm's resolved data config: input size, mean, std, crop, interpolation
     checkpoint_sha256: str | None  # of the local weights file loaded, None for hub or random weights
     device: torch.device
+    precision: str = "fp32"  # autocast dtype of every forward pass: fp32 (none), bf16 or fp16
     # The unmerged model's cost, counted once by the engine (ToMe with r=0 is the exact unmerged forward).
     unmerged_gflops: float = 0.0
     unmerged_tokens: tuple[int, ...] = ()  # tokens entering each block (all equal)
@@ -42,6 +44,21 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as error:
         raise UsageError(f"--device {device}: {error}") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA device: the CPU runs float16 autocast slowly or not at all "
+                         "(use bf16 on the CPU)")
+    return precision
+
+
+def autocast(loaded: LoadedModel):
+    """The autocast context every forward pass of `loaded` runs in (disabled at fp32)."""
+    return torch.autocast(device_type=loaded.device.type, dtype=PRECISIONS[loaded.precision],
+                          enabled=loaded.precision != "fp32")
 
 
 def resolve_model_name(name: str) -> str:
@@ -94,10 +111,15 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = None, pretrained: bool = True,
-               device: str = "auto") -> LoadedModel:
-    """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`."""
+               device: str = "auto", precision: str = "fp32") -> LoadedModel:
+    """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`.
+
+    `precision` is the autocast dtype its forward passes will run in (the engine's own scores and
+    merges stay float32 whatever it is).
+    """
     timm_name = resolve_model_name(name)
     target = resolve_device(device)
+    precision = resolve_precision(precision, target)
     if checkpoint is not None:
         if not pretrained:
             raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
@@ -135,6 +157,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
         data_config=resolve_model_data_config(model),
         checkpoint_sha256=checkpoint_sha256,
         device=target,
+        precision=precision,
     )
     _count_unmerged_cost(loaded)
     return loaded
@@ -144,7 +167,7 @@ def _count_unmerged_cost(loaded: LoadedModel) -> None:
     """Check that the engine can patch the model, and count its unmerged GFLOPs on one image."""
     model = loaded.model
     try:
-        patch(model, ToMeConfig(r=0))
+        patch(model, ToMeConfig(r=0))  # the exact unmerged forward, traced
     except ValueError as error:
         raise UsageError(f"{loaded.name} cannot be merged: {error}") from None
     try:

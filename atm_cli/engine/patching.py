@@ -1,9 +1,10 @@
-"""Patch a timm VisionTransformer in place so that its forward pass merges tokens, and trace what it did."""
+"""Patch a timm VisionTransformer in place so that its forward pass reduces tokens by a method, and trace it."""
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -11,9 +12,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .attention import attention_with_sizes
-from .config import ATMConfig, MergeConfig, ToMeConfig, resolve_split_layer, threshold_schedule, tome_schedule
 from .flops import BlockStep, Geometry
-from .merge import adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted, size_distinctive_split
+from .methods import BlockInput, MethodConfig, Plan
 
 _STATE = "_atm_state"
 SUPPORTED_POOLS = ("token", "avg")
@@ -38,11 +38,10 @@ class Trace:
 
 @dataclass
 class _State:
-    config: MergeConfig
+    config: MethodConfig
+    plan: Plan
     geometry: Geometry
-    thresholds: list[float] | None = None
-    split_layer: int = 0
-    tome_r: list[int] = field(default_factory=list)
+    trace_source: bool
     trace: Trace | None = None
 
 
@@ -59,18 +58,15 @@ def _check_supported(model: nn.Module) -> None:
         raise ValueError(f"{name}: global_pool={model.global_pool!r} is not supported (needs one of {SUPPORTED_POOLS})")
 
 
-def patch(model: nn.Module, config: MergeConfig) -> nn.Module:
-    """Make `model` merge tokens by `config` in every forward pass. Patching again replaces the config."""
+def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) -> nn.Module:
+    """Make `model` reduce tokens by `config` in every forward pass. Patching again replaces the config.
+
+    With `trace_source`, the trace also holds which input tokens each final token stands for.
+    """
     _check_supported(model)
-    depth = len(model.blocks)
-    state = _State(config=config, geometry=Geometry.of(model))
-    if isinstance(config, ATMConfig):
-        state.thresholds = threshold_schedule(config, depth)
-        state.split_layer = resolve_split_layer(config, depth)
-    elif isinstance(config, ToMeConfig):
-        state.tome_r = tome_schedule(config.r, depth)
-    else:
-        raise TypeError(f"expected ATMConfig or ToMeConfig, got {type(config).__name__}")
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"expected a method config (e.g. ATMConfig, ToMeConfig), got {type(config).__name__}")
+    state = _State(config=config, plan=config.plan(model), geometry=Geometry.of(model), trace_source=trace_source)
     setattr(model, _STATE, state)
     model.forward_features = types.MethodType(_merging_forward_features, model)
     if model.global_pool == "avg":
@@ -85,6 +81,19 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def merging(model: nn.Module, config: MethodConfig | None, trace_source: bool = False) -> Iterator[nn.Module]:
+    """`with merging(model, config):` patch for the block, unpatch after it (None: the unmerged model)."""
+    if config is None:
+        yield model
+        return
+    patch(model, config, trace_source)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
 def last_trace(model: nn.Module) -> Trace:
     state = getattr(model, _STATE, None)
     if state is None or state.trace is None:
@@ -97,59 +106,37 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
     if attn_mask is not None or is_causal:
         raise ValueError("token merging does not support attention masks: the tokens they address are merged away")
     state: _State = getattr(model, _STATE)
+    plan, prop_attn = state.plan, getattr(state.config, "prop_attn", False)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch, n_tokens, _ = x.shape
     size: Tensor | None = None  # None until the first merge: all sizes are 1
-    source = torch.eye(n_tokens, device=x.device, dtype=x.dtype).expand(batch, -1, -1) if state.config.trace_source else None
+    source = torch.eye(n_tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1) if state.trace_source else None
     tokens, steps = [n_tokens], []
     for index, block in enumerate(model.blocks):
-        y, metric = attention_with_sizes(block.attn, block.norm1(x), size if state.config.prop_attn else None)
+        y, metric, attention = attention_with_sizes(block.attn, block.norm1(x), size if prop_attn else None,
+                                                    with_probabilities=index in plan.attention_blocks)
         x = x + block.drop_path1(block.ls1(y))
         n_in = x.shape[1]
-        merge_sum, similarity = _plan_merge(model, state, index, metric, size)
-        if merge_sum is not None:
-            x, size = merge_weighted(merge_sum, x, size)
-            source = None if source is None else merge_sum(source)
+        # Scores, thresholds and size-weighted sums in float32 whatever autocast chose (the contract's precision).
+        with torch.autocast(x.device.type, enabled=False):
+            reduction = plan.step(BlockInput(index, x, size, metric, attention))
+        step_macs = 0
+        if reduction is not None:
+            x, size, step_macs = reduction.x, reduction.size, reduction.extra_macs
+            source = None if source is None else reduction.combine(source)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        steps.append(BlockStep(n_in, x.shape[1], similarity))
+        steps.append(BlockStep(n_in, x.shape[1], step_macs))
         tokens.append(x.shape[1])
     state.trace = Trace(
         tokens=tokens,
         merged=[a - b for a, b in zip(tokens, tokens[1:])],
         steps=steps,
         geometry=state.geometry,
-        thresholds=state.thresholds,
+        thresholds=plan.thresholds,
         size=size,
         source=source,
     )
     return model.norm(x)
-
-
-def _plan_merge(model: VisionTransformer, state: _State, index: int, metric: Tensor,
-                size: Tensor | None) -> tuple[Callable[[Tensor], Tensor] | None, tuple[int, int, int]]:
-    """Decide block `index`'s merge step: a merge closure (None: keep all tokens) and the similarity shape."""
-    batch, n_tokens, head_dim = metric.shape
-    num_prefix = model.num_prefix_tokens
-    config = state.config
-    if isinstance(config, ToMeConfig):
-        r = min(state.tome_r[index], (n_tokens - num_prefix) // 2)
-        if r <= 0:
-            return None, (0, 0, 0)
-        split = alternate_split(batch, n_tokens, num_prefix, metric.device)
-        matching = bipartite_match(metric, *split)
-        return merge_closure(matching, r, num_prefix), (split[0].shape[1], split[1].shape[1], head_dim)
-
-    last = index == len(model.blocks) - 1
-    if last and config.prefix_only_last_block and model.global_pool == "token":
-        return (lambda t: t[:, :num_prefix]), (0, 0, 0)  # the head reads prefix tokens only (App. A)
-    if index < state.split_layer:  # block index + 1 <= split_layer
-        split = alternate_split(batch, n_tokens, num_prefix, metric.device)
-    else:
-        split = size_distinctive_split(size, batch, n_tokens, num_prefix, metric.device)
-    matching = bipartite_match(metric, *split)
-    r = adaptive_r(matching, state.thresholds[index])
-    similarity = (split[0].shape[1], split[1].shape[1], head_dim)
-    return (merge_closure(matching, r, num_prefix) if r > 0 else None), similarity
 
 
 def _size_weighted_pool(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
@@ -159,4 +146,4 @@ def _size_weighted_pool(model: VisionTransformer, x: Tensor, pool_type: str | No
         return VisionTransformer.pool(model, x, pool_type)
     if not model.pool_include_prefix:
         x, size = x[:, model.num_prefix_tokens:], size[:, model.num_prefix_tokens:]
-    return (x * size).sum(dim=1) / size.sum(dim=1)
+    return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)

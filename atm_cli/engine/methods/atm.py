@@ -1,0 +1,98 @@
+"""Adaptive Token Merging (the paper, Sec. 3; the choices it leaves open: docs/engine-contract.md)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .base import BlockInput, MethodConfig, Param, Plan, Reduction
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# A cosine similarity lies in [-1, 1]: a threshold outside it is a mistake, not "merge nothing/everything".
+THRESHOLD = dict(low=-1.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class ATMConfig(MethodConfig):
+    """Merge every pair more similar than the block's threshold.
+
+    theta_l = max(alpha - (exp(beta * (l - 1)) - 1), theta_min) for block l (1-based); blocks up to
+    `split_layer` split tokens alternately, later ones by merging size (None: round(0.75 * L)).
+    """
+
+    NAME = "atm"
+    SUMMARY = "Adaptive Token Merging: a similarity threshold per block, falling with depth (the paper)"
+    PARAMS = (
+        Param("alpha", float, "threshold of the first block", **THRESHOLD),
+        Param("beta", float, "how fast thresholds fall with depth", low=0.0),
+        Param("theta_min", float, "the lowest threshold", **THRESHOLD),
+        Param("split_layer", int, "last block with alternate matching (none: round(0.75 L))", low=0, optional=True),
+        Param("prop_attn", bool, "proportional attention (log-size term)"),
+    )
+
+    alpha: float
+    beta: float
+    theta_min: float
+    split_layer: int | None = None
+    prop_attn: bool = True
+    # Per-block thresholds replacing Eq. (1), for analyses such as merging in one block only (Fig. 2).
+    block_thresholds: tuple[float, ...] | None = None
+    # The contract's last-block shortcut for heads that read prefix tokens only; off merges there as usual.
+    prefix_only_last_block: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_thresholds is not None:
+            object.__setattr__(self, "block_thresholds", tuple(float(t) for t in self.block_thresholds))
+
+    @classmethod
+    def constant(cls, threshold: float, **kwargs) -> "ATMConfig":
+        """One threshold in every block (beta = 0): the constant-threshold schedule of the paper's Fig. 5."""
+        return cls(alpha=threshold, beta=0.0, theta_min=threshold, **kwargs)
+
+    def plan(self, model: "nn.Module") -> Plan:
+        from ..merge import adaptive_r, alternate_split, bipartite_match, merge_closure, size_distinctive_split
+        from ..merge import weighted_reduction
+
+        depth, num_prefix = len(model.blocks), model.num_prefix_tokens
+        thresholds = threshold_schedule(self, depth)
+        split_layer = resolve_split_layer(self, depth)
+        head_reads_prefix_only = self.prefix_only_last_block and model.global_pool == "token"
+
+        def step(block: BlockInput) -> Reduction | None:
+            batch, n_tokens, head_dim = block.metric.shape
+            if block.index == depth - 1 and head_reads_prefix_only:
+                # The head reads prefix tokens only (App. A): the last MLP runs on those alone.
+                def prefix(t):
+                    return t[:, :num_prefix]
+                return Reduction(prefix(block.x), None if block.size is None else prefix(block.size), prefix)
+            if block.index < split_layer:  # block index + 1 <= split_layer
+                split = alternate_split(batch, n_tokens, num_prefix, block.metric.device)
+            else:
+                split = size_distinctive_split(block.size, batch, n_tokens, num_prefix, block.metric.device)
+            matching = bipartite_match(block.metric, *split)
+            r = adaptive_r(matching, thresholds[block.index])
+            macs = split[0].shape[1] * split[1].shape[1] * head_dim
+            if r == 0:
+                return Reduction(block.x, block.size, lambda t: t, macs)
+            return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size, macs)
+
+        return Plan(step, thresholds=thresholds)
+
+
+def threshold_schedule(config: ATMConfig, depth: int) -> list[float]:
+    """The similarity threshold of each block, Eq. (1) of the paper (or the config's explicit list)."""
+    if config.block_thresholds is not None:
+        if len(config.block_thresholds) != depth:
+            raise ValueError(f"block_thresholds has {len(config.block_thresholds)} entries for a {depth}-block model")
+        return list(config.block_thresholds)
+    return [max(config.alpha - (math.exp(config.beta * (l - 1)) - 1.0), config.theta_min) for l in range(1, depth + 1)]
+
+
+def resolve_split_layer(config: ATMConfig, depth: int) -> int:
+    split = round(0.75 * depth) if config.split_layer is None else config.split_layer
+    if not 0 <= split <= depth:
+        raise ValueError(f"split_layer must lie in [0, {depth}] for a {depth}-block model, got {split}")
+    return split

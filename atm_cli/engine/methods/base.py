@@ -1,0 +1,156 @@
+"""What every merging or pruning method is made of, without torch (the CLI lists methods and reads presets
+without loading it).
+
+A method is a frozen dataclass subclassing `MethodConfig`: its `PARAMS` say each parameter's name,
+type, default, valid range and help; `to_params`/`from_params` are its one codec to plain values
+(presets, `--set`, JSON); `plan(model)` builds the per-block reduction step that the patched forward
+pass calls (that is where torch comes in, imported inside `plan`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: `kind` is float, int, bool or 'ints' (an int, or one int per block)."""
+
+    name: str
+    kind: Any
+    help: str
+    low: float | None = None  # inclusive, unless low_open
+    high: float | None = None  # inclusive
+    low_open: bool = False
+    optional: bool = False  # None is a value (e.g. "the model's default")
+
+    def coerce(self, value: Any) -> Any:
+        """A value from YAML, JSON, Python or a `--set` string, as this parameter's type; ValueError otherwise."""
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if self.optional:
+                return None
+            raise ValueError(f"{self.name} needs a value")
+        if isinstance(value, str):
+            value = self._parse(value)
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, got {value!r}")
+            return value
+        if self.kind == "ints":
+            values = [value] if not isinstance(value, (list, tuple)) else list(value)
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{self.name} must be an integer or a list of integers, got {value!r}")
+            for v in values:
+                self._check_range(v)
+            return values[0] if not isinstance(value, (list, tuple)) else tuple(values)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
+            raise ValueError(f"{self.name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.name} must be finite, got {value!r}")
+        self._check_range(value)
+        return float(value) if self.kind is float else value
+
+    def _parse(self, text: str) -> Any:
+        try:
+            if self.kind is bool:
+                if text.lower() in _TRUE + _FALSE:
+                    return text.lower() in _TRUE
+                raise ValueError
+            if self.kind == "ints":
+                values = tuple(int(part) for part in text.split(","))
+                return values[0] if len(values) == 1 else values
+            return self.kind(text)
+        except ValueError:
+            raise ValueError(f"{self.name}: cannot read {text!r} as {self.describe_kind()}") from None
+
+    def _check_range(self, value: float) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise ValueError(f"{self.name} must lie in {self.describe_range()}, got {value!r}")
+
+    def describe_kind(self) -> str:
+        return {float: "a number", int: "an integer", bool: "true or false"}.get(self.kind, "an integer or a comma list")
+
+    def describe_range(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{']' if self.high is not None else ')'}"
+
+
+class MethodConfig:
+    """Base of every method's frozen dataclass config: validation and the plain-values codec."""
+
+    NAME: ClassVar[str]
+    SUMMARY: ClassVar[str]
+    PARAMS: ClassVar[tuple[Param, ...]]
+
+    def __post_init__(self) -> None:
+        for param in self.PARAMS:
+            value = param.coerce(getattr(self, param.name))  # list -> tuple keeps configs hashable
+            object.__setattr__(self, param.name, value)
+
+    def to_params(self) -> dict[str, Any]:
+        """The parameters as plain YAML/JSON values (tuples become lists)."""
+        return {p.name: list(v) if isinstance(v := getattr(self, p.name), tuple) else v for p in self.PARAMS}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "MethodConfig":
+        """Build from plain values; unknown names and missing required ones are errors (ValueError)."""
+        known = {p.name for p in cls.PARAMS}
+        unknown = [name for name in params if name not in known]
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r} for {cls.NAME} (known: {', '.join(sorted(known))})")
+        required = [f.name for f in dataclasses.fields(cls) if f.name in known and
+                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in params]
+        if missing:
+            raise ValueError(f"{cls.NAME} needs {', '.join(missing)}")
+        return cls(**params)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each parameter's default (required ones are absent)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING and f.name in {p.name for p in cls.PARAMS}}
+
+    def plan(self, model: "nn.Module") -> "Plan":
+        raise NotImplementedError
+
+
+@dataclass
+class BlockInput:
+    """What a block's reduction step sees, between the block's attention and its MLP."""
+
+    index: int  # 0-based block index
+    x: "Tensor"  # (B, N, C) the residual stream after attention
+    size: "Tensor | None"  # (B, N, 1) merging sizes; None while every size is 1
+    metric: "Tensor"  # (B, N, head_dim) the attention's keys averaged over heads
+    attention: "Tensor | None"  # (B, N, N) attention probabilities averaged over heads, when the plan asks
+
+
+@dataclass
+class Reduction:
+    """A block's reduction: the new tokens and sizes, and how any additive per-token map follows them."""
+
+    x: "Tensor"
+    size: "Tensor | None"  # None: every size is still 1
+    combine: Callable[["Tensor"], "Tensor"]  # e.g. source maps (B, N, N_0) -> (B, N', N_0)
+    extra_macs: int = 0  # the step's own multiply-adds per image (similarities, scores), for GFLOPs
+
+
+@dataclass
+class Plan:
+    """A method made concrete for one model: its step, and the blocks that need attention probabilities."""
+
+    step: Callable[[BlockInput], Reduction | None]
+    attention_blocks: frozenset[int] = frozenset()
+    thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
