@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
+from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
@@ -46,7 +47,8 @@ def ramp(peak: int, depth: int) -> list[int]:
 
 
 def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
-    """The ladders for this model's depth and token count, by method name."""
+    """The ladders for this model's depth and token count, by method name: every registered method's
+    knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules."""
     depth = len(loaded.model.blocks)
     image_tokens = loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens
     half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
@@ -54,9 +56,13 @@ def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
     def threshold(step: int) -> float:
         return round(1.0 - THRESHOLD_STEP * step, 6)
 
+    def from_knob(cls) -> Ladder:
+        knob = cls.knob(depth, image_tokens)
+        return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
+                      knob.top)
+
     return {
-        "tome": Ladder("tome", "ToMe, constant top-r",
-                       lambda r: ToMeConfig(r=r), lambda r: {"r": r}, half),
+        **{name: from_knob(cls) for name, cls in REGISTRY.items() if name != "atm"},
         "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
                                   lambda r: ToMeConfig(r=ramp(r, depth)),
                                   lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
@@ -64,12 +70,13 @@ def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
                                   lambda r: ToMeConfig(r=ramp(r, depth)[::-1]),
                                   lambda r: {"r": r, "schedule": ramp(r, depth)[::-1]}, half + depth - 1),
         "threshold": Ladder("threshold", "constant threshold in every block (alternate matching)",
-                            lambda s: ATMConfig(alpha=threshold(s), beta=0.0, theta_min=threshold(s), split_layer=depth),
+                            lambda s: ATMConfig.constant(threshold(s), split_layer=depth),
                             lambda s: {"threshold": threshold(s)}, round(2.0 / THRESHOLD_STEP)),  # down to -1
     }
 
 
-METHODS = ("atm", "tome", "threshold", "tome-increasing", "tome-decreasing")  # atm, then the ladders' names
+# atm, then the ladders' names: the other registered methods, then the Fig. 5 schedules.
+METHODS = (*REGISTRY, "threshold", "tome-increasing", "tome-decreasing")
 
 
 def check_methods(methods: Sequence[str]) -> None:

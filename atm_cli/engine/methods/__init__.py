@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .atm import ATMConfig, resolve_split_layer, threshold_schedule
-from .base import BlockInput, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
 from .tome import ToMeConfig, tome_schedule
 
 _ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig)
@@ -27,5 +27,5 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
     return method_class(name).from_params(params)
 
 
-__all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Param", "Plan", "BlockInput", "Reduction",
+__all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
            "ATMConfig", "ToMeConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]

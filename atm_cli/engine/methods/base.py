@@ -86,6 +86,16 @@ class Param:
         return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{']' if self.high is not None else ')'}"
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A method's one-parameter family, which the stress test and the comparison climb: step 0 reduces
+    nothing, each step up reduces more (by design; accuracy need not fall monotonically), `top` the most."""
+
+    param: str  # the parameter it moves, e.g. "r" or "keep_rate"
+    top: int
+    config: Callable[[int], "MethodConfig"]
+
+
 class MethodConfig:
     """Base of every method's frozen dataclass config: validation and the plain-values codec."""
 
@@ -121,6 +131,11 @@ class MethodConfig:
         """Each parameter's default (required ones are absent)."""
         return {f.name: f.default for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING and f.name in {p.name for p in cls.PARAMS}}
+
+    @classmethod
+    def knob(cls, depth: int, image_tokens: int) -> Knob | None:
+        """The method's natural knob for a model of `depth` blocks and `image_tokens` patches (None: none)."""
+        return None
 
     def plan(self, model: "nn.Module") -> "Plan":
         raise NotImplementedError

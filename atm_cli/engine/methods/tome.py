@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,6 +25,11 @@ class ToMeConfig(MethodConfig):
     r: int | tuple[int, ...]
     inflection: float = 0.0
     prop_attn: bool = True
+
+    @classmethod
+    def knob(cls, depth: int, image_tokens: int) -> Knob:
+        # r above half the image tokens merges no more in any block: ToMe caps r there.
+        return Knob("r", image_tokens // 2, lambda r: cls(r=r))
 
     def plan(self, model: "nn.Module") -> Plan:
         from ..merge import alternate_split, bipartite_match, merge_closure, weighted_reduction
