@@ -65,6 +65,8 @@ class Provenance:
     tuning_data_fingerprint: str | None = None
     tuning_top1: float | None = None
     tuning_gflops: float | None = None
+    device_type: str | None = None  # where it was measured: "cpu" or "cuda"
+    precision: str | None = None  # the autocast dtype it was measured at: fp32, bf16 or fp16 (None: fp32)
 
 
 @dataclass

@@ -1,16 +1,23 @@
-"""Engine speed: does a GFLOPs cut become the same wall-clock cut?
+"""Engine speed: does a GFLOPs cut become the same wall-clock cut, per model, batch size and precision?
 
-    python benchmarks/engine.py [--data ../shared/data/imagenet-val-sample.tar.gz or an unpacked folder]
+    python benchmarks/engine.py [--device cuda] [--models deit_small_patch16_224,deit_base_patch16_224]
+                                [--batch-sizes 1,8,64,256] [--precisions fp32,bf16,fp16] [--json FILE]
 
-Randomly initialised DeiT-S (no pretrained weights on these machines) on real ImageNet validation
-images, batch 32, on CUDA when present and on the CPU otherwise. Methods run in alternation, batch by
-batch, so that machine noise hits all of them alike; images/s is the median over rounds. The table's
-last column, speedup / (baseline GFLOPs / method GFLOPs), is 1.0 when merging costs nothing beyond the
-FLOPs it saves; the target is >= 0.95 at about 30% fewer GFLOPs.
+The images are the shared ImageNet validation sample: the archive `../shared/data/imagenet-val-sample.tar.gz`
+is unpacked into a temporary folder (or pass `--data` an unpacked folder, e.g. after
+`tar -xzf ../shared/data/imagenet-val-sample.tar.gz -C .cache/`: `--data .cache/imagenet-val-sample`).
+Models have random weights (no pretrained weights on these machines). For each model, batch size and
+precision, the unmerged model, ATM and ToMe (both tuned to about `--reduction` fewer GFLOPs on the first
+batch) run in alternation, batch by batch, so that machine noise hits them alike; images/s is the median
+over rounds, each forward synchronised. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
+1.0 when merging costs nothing beyond the FLOPs it saves (issue target on an H100/H200-class GPU: >= 0.9
+at batch >= 64 in bf16 and fp16), and the attention kernels `scaled_dot_product_attention` chose (read off
+the profiler's op names: flash, efficient, cudnn or math).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tarfile
 import tempfile
@@ -22,104 +29,145 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from timm.data import create_transform, resolve_model_data_config
+from torch.profiler import ProfilerActivity, profile
 from torchvision.datasets import ImageFolder
 
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging
+from atm_cli.evaluation.models import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-val-sample.tar.gz"
+KERNELS = {"flash": "flash", "efficient": "efficient", "cudnn": "cudnn", "math": "math"}
 
 
-def image_batches(data: Path, model: torch.nn.Module, batch_size: int, n_batches: int) -> list[torch.Tensor]:
-    if data.is_file():  # an archive: unpack it into a temporary folder first
-        tmp = Path(tempfile.mkdtemp(prefix="atm-bench-"))
-        with tarfile.open(data) as tar:
-            tar.extractall(tmp, filter="data")
-        data = next(p for p in tmp.iterdir() if p.is_dir())
-    transform = create_transform(**resolve_model_data_config(model))
-    dataset = ImageFolder(str(data), transform=transform)
-    step = max(1, len(dataset) // (batch_size * n_batches))  # spread over classes
-    picks = [dataset[i][0] for i in range(0, len(dataset), step)][: batch_size * n_batches]
-    return list(torch.stack(picks).split(batch_size))
+def unpacked(data: Path) -> Path:
+    if data.is_dir():
+        return data
+    tmp = Path(tempfile.mkdtemp(prefix="atm-bench-"))
+    with tarfile.open(data) as tar:
+        tar.extractall(tmp, filter="data")
+    return next(p for p in tmp.iterdir() if p.is_dir())
 
 
-def calibrate_atm_to(model: torch.nn.Module, batch: torch.Tensor, target_gflops: float) -> ATMConfig:
-    """alpha 1 and the paper's DeiT-S beta, with theta_min lowered until GFLOPs reach the target (random
-    weights merge differently from trained ones, so the paper's setting does not land at -30% here)."""
-    for step in range(60):
-        config = ATMConfig(alpha=1.0, beta=0.045, theta_min=round(0.995 - 0.005 * step, 3))
-        patch(model, config)
+def image_pool(folder: Path, model: torch.nn.Module, n_images: int) -> torch.Tensor:
+    """`n_images` images spread over the classes, as the model's evaluation transform makes them."""
+    dataset = ImageFolder(str(folder), transform=create_transform(**resolve_model_data_config(model)))
+    step = max(1, len(dataset) // n_images)
+    return torch.stack([dataset[i][0] for i in range(0, len(dataset), step)][:n_images])
+
+
+def gflops_of(model: torch.nn.Module, config, batch: torch.Tensor) -> float:
+    with merging(model, config):
         model(batch)
-        if last_trace(model).gflops <= target_gflops:
+        return last_trace(model).gflops
+
+
+def atm_for(model, batch, target: float) -> ATMConfig:
+    """alpha 1 and the paper's DeiT-S beta, theta_min lowered until GFLOPs reach the target (random weights
+    merge differently from trained ones, so the paper's setting does not land at the target here)."""
+    for step in range(200):
+        config = ATMConfig(alpha=1.0, beta=0.045, theta_min=round(0.995 - 0.005 * step, 3))
+        if gflops_of(model, config, batch) <= target:
             return config
     return config
 
 
-def tome_r_for(model: torch.nn.Module, batch: torch.Tensor, target_gflops: float) -> int:
-    for r in range(1, 40):
-        patch(model, ToMeConfig(r=r))
+def tome_for(model, batch, target: float) -> ToMeConfig:
+    for r in range(1, 200):
+        if gflops_of(model, ToMeConfig(r=r), batch) <= target:
+            return ToMeConfig(r=r)
+    return ToMeConfig(r=r)
+
+
+def attention_kernels(model, config, batch, autocast) -> str:
+    """Which `scaled_dot_product_attention` kernels one forward ran, from the profiler's aten op names."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, merging(model, config), autocast:
         model(batch)
-        if last_trace(model).gflops <= target_gflops:
-            return r
-    return r
+    names = {event.name for event in prof.events() if "scaled_dot_product" in event.name}
+    found = sorted({label for name in names for key, label in KERNELS.items() if key in name})
+    return ",".join(found) or ("math" if names else "unfused")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, device, pool, batch_size, precision, reduction, rounds, n_batches) -> list[dict]:
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    batches = [pool[i * batch_size:(i + 1) * batch_size].to(device) for i in range(n_batches)]
+    batches = [b for b in batches if len(b) == batch_size]
+    with torch.inference_mode(), autocast:
+        base = gflops_of(model, ToMeConfig(r=0), batches[0])
+        target = base * (1 - reduction)
+        methods = {"unmerged": None, "ATM": atm_for(model, batches[0], target), "ToMe": tome_for(model, batches[0], target)}
+        seconds = {name: [] for name in methods}
+        gflops = {name: [] for name in methods}
+        for round_index in range(rounds + 1):  # round 0 warms up (kernels chosen, caches filled)
+            for batch in batches:
+                for name, config in methods.items():
+                    with merging(model, config):
+                        synchronize(device)
+                        start = time.perf_counter()
+                        model(batch)
+                        synchronize(device)
+                        if round_index:
+                            seconds[name].append(time.perf_counter() - start)
+                            gflops[name].append(last_trace(model).gflops if config else base)
+        kernels = {name: attention_kernels(model, config, batches[0], autocast) for name, config in methods.items()}
+    base_rate = batch_size / statistics.median(seconds["unmerged"])
+    rows = []
+    for name, config in methods.items():
+        rate = batch_size / statistics.median(seconds[name])
+        mean_gflops = statistics.fmean(gflops[name])
+        speedup = rate / base_rate
+        rows.append({"method": name, "setting": "" if config is None else config.to_params(),
+                     "batch_size": batch_size, "precision": precision, "gflops": mean_gflops,
+                     "images_per_sec": rate, "speedup": speedup,
+                     "speedup_per_gflops_ratio": speedup / (base / mean_gflops), "kernels": kernels[name]})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="deit_small_patch16_224")
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--batches", type=int, default=3, help="batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reduction", type=float, default=0.30, help="target GFLOPs cut for ATM and ToMe")
+    parser.add_argument("--json", type=Path, help="also write every row as JSON")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval().to(device)
-    batches = [b.to(device) for b in image_batches(args.data, model, args.batch_size, args.batches)]
-
-    with torch.inference_mode():
-        patch(model, ToMeConfig(r=0))
-        model(batches[0])
-        base_gflops = last_trace(model).gflops
-        target = base_gflops * (1 - args.reduction)
-        methods = {
-            "unmerged": None,
-            "ToMe": ToMeConfig(r=tome_r_for(model, batches[0], target)),
-            "ATM": calibrate_atm_to(model, batches[0], target),
-        }
-        unpatch(model)
-        seconds = {name: [] for name in methods}
-        gflops = {name: [] for name in methods}
-        for round_index in range(args.rounds + 1):  # round 0 warms up
-            for batch in batches:
-                for name, config in methods.items():
-                    patch(model, config) if config else unpatch(model)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    model(batch)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if round_index:
-                        seconds[name].append(time.perf_counter() - start)
-                        gflops[name].append(last_trace(model).gflops if config else base_gflops)
-
-    table = Table(title=f"{args.model} (random weights), batch {args.batch_size}, {device.type}, "
-                        f"{args.rounds} rounds x {len(batches)} batches, torch {torch.__version__}")
-    for column in ("method", "settings", "GFLOPs", "images/s", "speedup", "speedup / GFLOPs ratio"):
-        table.add_column(column, justify="right" if column not in ("method", "settings") else "left")
-    base_rate = args.batch_size / statistics.median(seconds["unmerged"])
-    for name, config in methods.items():
-        rate = args.batch_size / statistics.median(seconds[name])
-        mean_gflops = statistics.fmean(gflops[name])
-        speedup = rate / base_rate
-        settings = "" if config is None else (f"r={config.r}" if isinstance(config, ToMeConfig) else
-                                              f"a={config.alpha} b={config.beta} t={config.theta_min}")
-        table.add_row(name, settings, f"{mean_gflops:.3f}", f"{rate:.1f}", f"{speedup:.3f}",
-                      f"{speedup / (base_gflops / mean_gflops):.3f}")
-    Console().print(table)
+    device = torch.device(args.device)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    folder = unpacked(args.data)
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval().to(device)
+        pool = image_pool(folder, model, max(batch_sizes) * args.batches)
+        for precision in args.precisions.split(","):
+            for batch_size in batch_sizes:
+                for row in measure(model, device, pool, batch_size, precision, args.reduction, args.rounds, args.batches):
+                    rows.append({"model": name, **row})
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    table = Table(title=f"random-weight models on ImageNet sample images, {device_name}, {args.rounds} rounds x "
+                        f"{args.batches} batches, torch {torch.__version__}", title_justify="left")
+    for column in ("model", "batch", "precision", "method", "GFLOPs", "images/s", "speedup", "speedup / GFLOPs ratio",
+                   "attention kernel"):
+        table.add_column(column, justify="left" if column in ("model", "precision", "method", "attention kernel")
+                         else "right")
+    for row in rows:
+        table.add_row(row["model"], str(row["batch_size"]), row["precision"], row["method"], f"{row['gflops']:.3f}",
+                      f"{row['images_per_sec']:.1f}", f"{row['speedup']:.3f}", f"{row['speedup_per_gflops_ratio']:.3f}",
+                      row["kernels"])
+    Console(width=200).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def image_folder(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo():
+    """The embedded default model on the CPU, loaded once for the whole session (tests must not patch it
+    without unpatching: use `atm_cli.engine.merging`)."""
+    from atm_cli.evaluation import load_model
+    from atm_cli.models import DEMO_WEIGHTS
+
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip(f"the embedded model's weights are not bundled ({DEMO_WEIGHTS})")
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def imagenet_sample(tmp_path_factory) -> Path:
     """The shared 1,300-image ImageNet validation sample (725 classes), unpacked once."""
     archive = SHARED_DATA / "imagenet-val-sample.tar.gz"
@@ -67,3 +79,13 @@ def imagenet_sample(tmp_path_factory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
     return target / "imagenet-val-sample"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where a GPU is present; elsewhere they are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here (benchmarks/gpu_check.sh runs these on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

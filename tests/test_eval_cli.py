@@ -218,3 +218,17 @@ def test_errors_are_one_line_with_their_exit_code(case, code, message, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("atm: error: ")
     assert message.format(tmp=tmp_path) in lines[0]
     assert outcome.stdout == ""
+
+
+def test_a_preset_run_at_another_precision_says_so_and_records_it():
+    result, outcome = run_eval("--limit", "10", "--precision", "bf16", "--json")
+    assert outcome.exit_code == 0, outcome.stderr
+    assert "the preset was measured at fp32, this run is bf16" in " ".join(outcome.stderr.split())
+    assert result["precision"] == "bf16"
+    _, same = run_eval("--limit", "10", "--json")
+    assert "measured at" not in same.stderr
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line():
+    _, outcome = run_eval("--precision", "fp16", "--device", "cpu")
+    assert outcome.exit_code == 2 and outcome.stderr.count("\n") == 1 and "fp16 needs a CUDA device" in outcome.stderr

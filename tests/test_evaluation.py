@@ -234,9 +234,8 @@ def test_fingerprint_follows_paths_sizes_and_classes(tiny, tmp_path):
     assert load_image_folder(one, tiny, class_map=class_map).fingerprint != load_image_folder(one, tiny).fingerprint
 
 
-def test_presets_record_bundled_samples_by_a_portable_name(tiny, image_folder, monkeypatch):
+def test_presets_record_bundled_samples_by_a_portable_name(tiny, image_folder, monkeypatch, demo):
     assert load_image_folder(image_folder, tiny).source == str(image_folder)
-    demo = load_model(device="cpu")
     monkeypatch.chdir(DEMO_CALIB_DATA.parent)  # a relative path to the bundled samples names them too
     assert load_image_folder(DEMO_CALIB_DATA.name, demo, limit=10).source == "bundled:cifar10-calib"
 

@@ -13,18 +13,10 @@ from atm_cli.analysis.probe import merge_only_in, plot_probe, probe
 from atm_cli.analysis.visualize import load_pictures, plot_tokens_per_block, tokens_chart, visualize
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch, threshold_schedule, unpatch
-from atm_cli.evaluation import DEMO_CALIB_DATA, DEMO_EVAL_DATA, load_image_folder, load_model, preload
-from atm_cli.models import DEMO_WEIGHTS
+from atm_cli.evaluation import DEMO_CALIB_DATA, DEMO_EVAL_DATA, load_image_folder, preload
 
 ATM = ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88)
 IMAGES = sorted(DEMO_EVAL_DATA.glob("*/*.jpg"))[::500][:3]  # three classes
-
-
-@pytest.fixture(scope="module")
-def demo():
-    if not DEMO_WEIGHTS.is_file():
-        pytest.skip(f"the embedded model's weights are not bundled yet ({DEMO_WEIGHTS})")
-    return load_model(device="cpu")
 
 
 @torch.inference_mode()

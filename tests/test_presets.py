@@ -220,8 +220,7 @@ def test_presets_cli_list_and_show():
     assert missing.exit_code == 2 and missing.output.count("\n") == 1 and "no-such-preset" in missing.output
 
 
-def test_bundled_demo_presets_fit_the_bundled_weights_and_the_default_reproduces_its_figures():
-    demo = load_model(device="cpu")
+def test_bundled_demo_presets_fit_the_bundled_weights_and_the_default_reproduces_its_figures(demo):
     presets = list_presets(DEMO_MODEL_NAME)
     assert {p.name for p in presets} >= {"atm-demo-no-drop", "atm-demo-gflops-70"}
     assert all(p.model.checkpoint_sha256 == demo.checkpoint_sha256 for p in presets), "recalibrate after retraining"

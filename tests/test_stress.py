@@ -12,17 +12,9 @@ from atm_cli.analysis.compare import compare
 from atm_cli.analysis.stress import largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
-from atm_cli.evaluation import DEMO_EVAL_DATA, BatchRun, load_image_folder, load_model, preload
-from atm_cli.models import DEMO_WEIGHTS
+from atm_cli.evaluation import DEMO_EVAL_DATA, BatchRun, load_image_folder, preload
 
 LIMIT, BATCH = 32, 16
-
-
-@pytest.fixture(scope="module")
-def demo():
-    if not DEMO_WEIGHTS.is_file():
-        pytest.skip(f"the embedded model's weights are not bundled yet ({DEMO_WEIGHTS})")
-    return load_model(device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ COMMANDS = (
     "probe",
     "calibrate",
     "presets",
+    "methods",
 )
 
 

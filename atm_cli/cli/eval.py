@@ -75,11 +75,19 @@ def command(
     console.print(f"{loaded.name} on {images.n_files} images from {images.root}, batch {batch_size}, "
                   f"{loaded.device}; method: {choice.source}", highlight=False, soft_wrap=True)
 
+    if choice.precision is not None and choice.precision != loaded.precision:
+        console.print(f"note: the preset was measured at {choice.precision}, this run is {loaded.precision}: "
+                      "token counts and top-1 may differ slightly", highlight=False, soft_wrap=True)
     with options.progress_bar(console, "evaluating") as progress:
         report = evaluate(loaded, images, choice.config, batch_size, workers, progress=progress,
                           keep_partial=True)
 
     result = report.to_dict()
+    if report.method != "none" and result["images_per_sec"] < result["baseline_images_per_sec"]:
+        console.print(f"warning: {report.method} ran slower than the unmerged model here "
+                      f"({result['images_per_sec']:.1f} vs {result['baseline_images_per_sec']:.1f} images/s): at batch "
+                      f"{batch_size} on {loaded.device} its overhead outweighs the FLOPs it saves", highlight=False,
+                      soft_wrap=True)
     if report.skipped_images:
         shown = ", ".join(list(images.skipped_files)[:3])
         console.print(f"skipped {report.skipped_images} unreadable image(s): {shown}", highlight=False, soft_wrap=True)

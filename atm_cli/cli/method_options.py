@@ -36,6 +36,7 @@ class MethodChoice:
     config: MethodConfig | None  # None: the unmerged model
     source: str  # where the setting came from, for the output
     batch_size: int | None = None  # the preset's batch size (GFLOPs depend on it), when a preset chose
+    precision: str | None = None  # the precision the preset was measured at, when a preset chose
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,16 @@ class MethodFlags:
         """The engine config for a model: a preset, the flags, or the model's default ATM setting."""
         if self.preset is not None:
             preset = find_preset(self.preset, model_name, force, checkpoint_sha256)
-            return MethodChoice(preset.method, f"preset {preset.path}", preset.batch_size)
+            return MethodChoice(preset.method, f"preset {preset.path}", preset.batch_size,
+                                preset.provenance.precision or "fp32")
         if self.method_name == NO_METHOD:
             return MethodChoice(None, "--method none")
         if self.method_name not in (None, "atm"):
             return MethodChoice(self._params(), _described(self.method_name, self._given()))
         default = default_preset_for(model_name, checkpoint_sha256)
         if default is not None and (isinstance(default.method, ATMConfig) or self.method_name is None):
-            choice = MethodChoice(default.method, f"default preset {default.name}", default.batch_size)
+            choice = MethodChoice(default.method, f"default preset {default.name}", default.batch_size,
+                                  default.provenance.precision or "fp32")
         else:
             choice = MethodChoice(PAPER_DEFAULT, PAPER_DEFAULT_SOURCE)
         given = self._given() if self.method_name == "atm" else {}

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from .attention import attention_with_sizes
 from .flops import BlockStep, Geometry
-from .methods import BlockInput, MethodConfig, Plan
+from .methods import BlockInput, MethodConfig, Plan, Reduction
 
 _STATE = "_atm_state"
 SUPPORTED_POOLS = ("token", "avg")
@@ -117,9 +117,7 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
                                                     with_probabilities=index in plan.attention_blocks)
         x = x + block.drop_path1(block.ls1(y))
         n_in = x.shape[1]
-        # Scores, thresholds and size-weighted sums in float32 whatever autocast chose (the contract's precision).
-        with torch.autocast(x.device.type, enabled=False):
-            reduction = plan.step(BlockInput(index, x, size, metric, attention))
+        reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))
         step_macs = 0
         if reduction is not None:
             x, size, step_macs = reduction.x, reduction.size, reduction.extra_macs
@@ -137,6 +135,14 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
         source=source,
     )
     return model.norm(x)
+
+
+def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
+    """The plan's step with autocast off: scores, thresholds and size-weighted sums in float32 whatever
+    precision the model runs in (a threshold compared on the bfloat16 grid, spacing 0.004 near 0.9,
+    would move token counts between precisions; x * size overflows float16)."""
+    with torch.autocast(block.x.device.type, enabled=False):
+        return plan.step(block)
 
 
 def _size_weighted_pool(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:

@@ -1,0 +1,77 @@
+"""The method registry: one codec per method, validation at the boundary, and the CLI that reads it."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from atm_cli.cli.app import app
+from atm_cli.engine import METHODS, ATMConfig, ToMeConfig, method_config
+from atm_cli.presets import ModelInfo, Measured, build_preset, load_preset, save_preset
+
+
+def example(name: str):
+    """A valid, non-trivial setting of each registered method: a few steps up its knob (ATM: the paper's DeiT-S)."""
+    knob = METHODS[name].knob(depth=12, image_tokens=196)
+    return knob.config(3) if knob is not None else ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88, split_layer=6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_round_trips_through_a_preset_file(name, tmp_path):
+    config = example(name)
+    assert method_config(name, json.loads(json.dumps(config.to_params()))) == config  # plain values, JSON-safe
+    preset = build_preset(config, ModelInfo(name="deit_small_patch16_224"), 64, Measured(gflops=3.0))
+    loaded = load_preset(save_preset(preset, tmp_path / f"{name}.yaml"))
+    assert loaded.method_name == name and loaded.method == config
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("atm", {"alpha": 2.0, "beta": 0.0, "theta_min": 0.9}, "alpha must lie in [-1, 1]"),  # cosines never exceed 1
+    ("atm", {"alpha": 0.9, "beta": -0.1, "theta_min": 0.9}, "beta must lie in [0, inf)"),
+    ("atm", {"alpha": 0.9, "beta": 0.1}, "atm needs theta_min"),
+    ("tome", {"r": -1}, "r must lie in [0, inf)"),
+    ("tome", {"r": [4, "x"]}, "r must be an integer or a list of integers"),
+    ("tome", {"r": 4, "gamma": 1}, "unknown parameter 'gamma' for tome"),
+])
+def test_invalid_parameters_are_refused_with_the_reason(name, params, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        method_config(name, params)
+
+
+def test_list_parameters_become_tuples_so_configs_stay_hashable_and_equal():
+    assert ToMeConfig(r=[4, 3]) == ToMeConfig(r=(4, 3)) and hash(ToMeConfig(r=[4, 3])) == hash(ToMeConfig(r=(4, 3)))
+
+
+def test_methods_command_lists_every_registered_method_and_its_parameters():
+    result = CliRunner().invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {row["method"]: [p["name"] for p in row["params"]] for row in json.loads(result.stdout)["methods"]}
+    assert listed == {name: [p.name for p in cls.PARAMS] for name, cls in METHODS.items()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "2"], "alpha must lie in [-1, 1], got 2.0"),
+    (["--set", "beta=-0.5"], "beta must lie in [0, inf)"),
+    (["--method", "tome", "--set", "r=-1"], "r must lie in [0, inf)"),
+    (["--method", "tome", "--set", "gamma=1"], "tome has no parameter 'gamma'"),
+    (["--method", "tome", "--set", "r"], "expected NAME=VALUE"),
+    (["--method", "nonsense"], "--method nonsense: choose from atm, tome"),  # then the other methods
+])
+def test_bad_method_flags_fail_in_one_line_before_loading_anything(args, message):
+    result = CliRunner().invoke(app, ["eval", "--model", "no-such-model-is-loaded", *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_set_and_the_shorthands_give_the_same_setting(tiny_vit_dir, image_folder):
+    outputs = []
+    for args in (["--method", "tome", "--set", "r=2"], ["--r", "2"]):
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_vit_dir), "--data", str(image_folder), "--json",
+                                          "--workers", "0", *args])
+        assert result.exit_code == 0, result.stderr
+        outputs.append(json.loads(result.stdout))
+    assert outputs[0]["params"] == outputs[1]["params"] == {"r": 2, "inflection": 0.0, "prop_attn": True}
+    assert outputs[0]["tokens_per_layer"] == outputs[1]["tokens_per_layer"]
