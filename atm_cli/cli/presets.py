@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from atm_cli.engine import METHODS
 from atm_cli.presets import Preset, canonical_model_name, find_preset, list_presets
 
 app = typer.Typer(help="The bundled presets: the paper's settings and calibrated ones, by model.",
@@ -25,11 +26,10 @@ def _source(source: str) -> str:
 
 
 def _params(preset: Preset) -> str:
-    p = preset.params
-    if preset.method_name == "atm":
-        split = "" if p.get("split_layer") is None else f" split {p['split_layer']}"
-        return f"{p['alpha']:g}/{p['beta']:g}/{p['theta_min']:g}{split}"
-    return f"tome r={p['r']}" + ("" if p.get("inflection") is None else f" ({p['inflection']:+g})")
+    """The setting in brief: every parameter that differs from the method's default (all of ATM's thresholds)."""
+    defaults = METHODS[preset.method_name].defaults()
+    return " ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in preset.params.items() if name not in defaults or value != defaults[name])
 
 
 @app.command("list")
@@ -37,7 +37,7 @@ def list_command(
     model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Only presets made for this model."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """List the bundled presets by model: ATM's alpha/beta/theta_min (or ToMe's r), and what they measured."""
+    """List the bundled presets by model: each setting's parameters (those not at their default), and what they measured."""
     presets = list_presets(model)
     if json_output:
         typer.echo(json.dumps({"presets": [{"name": p.name, **p.to_dict()} for p in presets]}))
