@@ -19,7 +19,7 @@ EARLY_ITERATIONS, MIDDLE_ITERATIONS, LATE_ITERATIONS = 30, 5, 1
 
 @dataclass(frozen=True)
 class ZeroTPruneConfig(MethodConfig):
-    """Prune r image tokens in every block: round(similarity_share * r) by the S-stage, the rest by the I-stage.
+    """Prune r image tokens per block: floor(similarity_share * r + 1/2) by the S-stage, the rest by the I-stage.
 
     I'-stage: importance = root mean square over heads of each head's weighted PageRank. S-stage: the
     less important half of the image tokens (by importance) loses the tokens closest (cosine of the keys)
