@@ -82,7 +82,7 @@ def test_ratio_one_matches_unpatched_and_the_default_merges(family, images):
     patch(model, PiToMeConfig())
     model(images)
     trace = last_trace(model)
-    # Each block keeps floor-ratio of its image tokens merged away; the prefix tokens are never counted.
+    # The first block merges floor(T - 0.95 T) of its T image tokens; the prefix tokens are never merged.
     n_image = trace.tokens[0] - model.num_prefix_tokens
     assert trace.merged[0] == math.floor(n_image - n_image * 0.95) > 0
     assert trace.size[:, :model.num_prefix_tokens].eq(1).all()

@@ -168,5 +168,5 @@ class Plan:
 
     step: Callable[[BlockInput], Reduction | None]
     attention_blocks: frozenset[int] = frozenset()
-    per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
+    per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean
