@@ -6,10 +6,11 @@ from torch import Tensor
 from timm.layers import Attention
 
 
-def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None,
-                         with_probabilities: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None, with_probabilities: bool = False,
+                         per_head: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """Return the attention output, the keys averaged over heads (B, N, head_dim), and, when asked, the
-    attention probabilities averaged over heads (B, N, N), which methods such as EViT score tokens by.
+    attention probabilities averaged over heads (B, N, N), which methods such as EViT score tokens by,
+    or with `per_head` each head's own (B, H, N, N), which Zero-TPrune ranks tokens by.
 
     With `size`, each key's logit gets + log(size) (the paper's proportional attention, App. A):
     an additive float mask for `scaled_dot_product_attention`, so the fused kernel stays in use
@@ -30,7 +31,7 @@ def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None,
         if bias is not None:
             logits = logits + bias
         weights = logits.softmax(dim=-1)
-        probabilities = weights.mean(dim=1) if with_probabilities else None
+        probabilities = (weights if per_head else weights.mean(dim=1)) if with_probabilities else None
         out = attn.attn_drop(weights) @ v
 
     out = attn.norm(out.transpose(1, 2).reshape(batch, n_tokens, -1))

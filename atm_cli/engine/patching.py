@@ -114,7 +114,8 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
     tokens, steps = [n_tokens], []
     for index, block in enumerate(model.blocks):
         y, metric, attention = attention_with_sizes(block.attn, block.norm1(x), size if prop_attn else None,
-                                                    with_probabilities=index in plan.attention_blocks)
+                                                    with_probabilities=index in plan.attention_blocks,
+                                                    per_head=plan.per_head_attention)
         x = x + block.drop_path1(block.ls1(y))
         n_in = x.shape[1]
         reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))

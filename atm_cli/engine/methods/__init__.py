@@ -9,9 +9,11 @@ from typing import Any
 
 from .atm import ATMConfig, resolve_split_layer, threshold_schedule
 from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
+from .pitome import PiToMeConfig
 from .tome import ToMeConfig, tome_schedule
+from .zero_tprune import ZeroTPruneConfig
 
-_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig)
+_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, ZeroTPruneConfig, PiToMeConfig)
 METHODS: dict[str, type[MethodConfig]] = {cls.NAME: cls for cls in _ALL}
 
 
@@ -28,4 +30,5 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 __all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
-           "ATMConfig", "ToMeConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]
+           "ATMConfig", "ToMeConfig", "ZeroTPruneConfig", "PiToMeConfig",
+           "threshold_schedule", "tome_schedule", "resolve_split_layer"]

@@ -149,7 +149,7 @@ class BlockInput:
     x: "Tensor"  # (B, N, C) the residual stream after attention
     size: "Tensor | None"  # (B, N, 1) merging sizes; None while every size is 1
     metric: "Tensor"  # (B, N, head_dim) the attention's keys averaged over heads
-    attention: "Tensor | None"  # (B, N, N) attention probabilities averaged over heads, when the plan asks
+    attention: "Tensor | None"  # (B, N, N) attention probabilities averaged over heads (or (B, H, N, N)), when asked
 
 
 @dataclass
@@ -169,3 +169,4 @@ class Plan:
     step: Callable[[BlockInput], Reduction | None]
     attention_blocks: frozenset[int] = frozenset()
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
+    per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean

@@ -1,0 +1,135 @@
+"""PiToMe against hand-built token graphs, the unpatched models' logits and torch's own FLOP counter."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from atm_cli.engine import PiToMeConfig, last_trace, method_config, patch
+from atm_cli.engine.methods.base import BlockInput
+from atm_cli.engine.methods.pitome import energy_score, margin_schedule
+from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
+
+from test_engine import FAMILIES, build
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def in_plane(degrees: float) -> list[float]:
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees)), 0.0, 0.0]
+
+
+# --- the energy score and the merge, by hand ---------------------------------------------------------------
+
+def test_energy_is_the_mean_of_the_papers_piecewise_kernel():
+    similarity = torch.tensor([[[1.0, 0.8, -0.2], [0.8, 1.0, 0.0], [-0.2, 0.0, 1.0]]])
+    margin, alpha = 0.5, 2.0
+
+    def kernel(cos):  # cos - m at or above the margin, alpha (e^(cos - m) - 1) below it
+        return cos - margin if cos >= margin else alpha * (math.exp(cos - margin) - 1.0)
+
+    expected = [sum(kernel(c) for c in row) / 3 for row in similarity[0].tolist()]
+    assert energy_score(similarity, margin, alpha)[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # Tokens 0 and 1 are close to each other, token 2 to neither: it has the lowest energy (it is protected).
+    assert energy_score(similarity, margin, alpha)[0].argmin().item() == 2
+
+
+@torch.no_grad()
+def test_high_energy_cluster_merges_and_distinct_tokens_are_protected():
+    """Two prefix tokens, a cluster of four keys at 0, 4, 10 and 18 degrees, and two keys orthogonal to it
+    and to each other. T = 6 image tokens at ratio 0.65: r = floor(6 - 3.9) = 2.
+
+    With margin 0.5 every in-cluster cosine lies above it, so the cluster's energies order as the row sums
+    of its cosines: 10 deg (3.9696) > 4 deg (3.9624) > 0 deg (3.9335) > 18 deg (3.9117), and the two
+    orthogonal keys have the lowest energy (tied: they keep their order). Set a = ranks 0, 2 = {10, 0 deg},
+    set b = ranks 1, 3 = {4, 18 deg}; both a-tokens are closest to 4 deg, so 0, 4 and 10 deg become one token.
+    """
+    metric = torch.tensor([[in_plane(0), in_plane(10),  # prefix tokens: never scored, never merged
+                            in_plane(0), in_plane(4), in_plane(10), in_plane(18),
+                            [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    x = torch.randn(1, 8, 5, generator=torch.Generator().manual_seed(0))
+    plan = PiToMeConfig(ratio=0.65, margin=0.5).plan(SimpleNamespace(num_prefix_tokens=2, blocks=[None] * 12))
+    reduction = plan.step(BlockInput(index=0, x=x, size=None, metric=metric, attention=None))
+
+    expected = torch.stack([x[0, 0], x[0, 1], x[0, 6], x[0, 7], x[0, 2:5].mean(dim=0), x[0, 5]])[None]
+    torch.testing.assert_close(reduction.x, expected)
+    assert reduction.size[0, :, 0].tolist() == [1, 1, 1, 1, 3, 1]
+    assert reduction.extra_macs == 6 * 6 * 4  # the image tokens' similarity matrix
+
+
+def test_margin_falls_linearly_to_one_block_above_zero():
+    assert margin_schedule(0.9, 12) == pytest.approx([0.9 - 0.075 * l for l in range(12)])
+    assert margin_schedule(0.9, 12)[-1] == pytest.approx(0.075)
+
+
+# --- whole models ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_ratio_one_matches_unpatched_and_the_default_merges(family, images):
+    model = build(family)
+    reference = model(images)
+    patch(model, PiToMeConfig(ratio=1.0))
+    torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+    assert last_trace(model).merged == [0] * len(model.blocks)
+    patch(model, PiToMeConfig())
+    model(images)
+    trace = last_trace(model)
+    # The first block merges floor(T - 0.95 T) of its T image tokens; the prefix tokens are never merged.
+    n_image = trace.tokens[0] - model.num_prefix_tokens
+    assert trace.merged[0] == math.floor(n_image - n_image * 0.95) > 0
+    assert trace.size[:, :model.num_prefix_tokens].eq(1).all()
+
+
+@torch.no_grad()
+def test_merged_gflops_match_torch_flop_counter(images):
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
+        block.attn.fused_attn = False
+    patch(model, PiToMeConfig(ratio=0.9))
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    assert last_trace(model).tokens[-1] < 197
+    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
+    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+
+
+@torch.no_grad()
+def test_knob_step_zero_merges_nothing_and_higher_steps_merge_more(images):
+    model = build("deit_tiny")
+    knob = PiToMeConfig.knob(depth=12, image_tokens=196)
+    final_tokens = []
+    for step in (0, 4, knob.top):
+        patch(model, knob.config(step))
+        model(images[:1])
+        final_tokens.append(last_trace(model).tokens[-1])
+    assert final_tokens[0] == 197
+    assert final_tokens[0] > final_tokens[1] > final_tokens[2]
+    assert knob.config(knob.top).ratio == 0.5  # the lowest ratio the method admits
+
+
+# --- parameters -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [{"ratio": 0.49}, {"ratio": 1.01}, {"margin": 1.5}, {"margin": -1.1},
+                                    {"alpha": 0.0}, {"ratio": "most"}, {"prop_attn": "perhaps"}, {"r": 4}])
+def test_out_of_range_or_unknown_parameters_are_refused(params):
+    with pytest.raises(ValueError):
+        method_config("pitome", params)
+
+
+def test_params_round_trip_through_plain_values_and_a_preset_file(tmp_path):
+    config = method_config("pitome", {"ratio": "0.9", "margin": "0.95", "prop_attn": "off"})  # as `--set` gives them
+    assert config == PiToMeConfig(ratio=0.9, margin=0.95, prop_attn=False)
+    assert PiToMeConfig.from_params(config.to_params()) == config
+    preset = build_preset(config, ModelInfo(name="deit_tiny_patch16_224", tag="fb_in1k", num_classes=1000),
+                          batch_size=32, measured=Measured(gflops=0.9, top1=70.0, baseline_gflops=1.26,
+                                                           baseline_top1=72.2, n_images=100))
+    loaded = load_preset(save_preset(preset, tmp_path / "pitome.yaml"))
+    assert loaded.method == config and loaded.method_name == "pitome"
