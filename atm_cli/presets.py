@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .engine import ATMConfig, MergeConfig, ToMeConfig
 from .errors import UsageError
-from .models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+
+if TYPE_CHECKING:
+    from .engine import MergeConfig
 
 SCHEMA_VERSION = 1
 METHODS = ("atm", "tome")
@@ -95,6 +97,8 @@ class Preset:
     @property
     def method(self) -> MergeConfig:
         """The engine configuration this preset applies."""
+        from .engine import ATMConfig, ToMeConfig  # here: `atm presets list` reads presets without torch
+
         p = self.params
         if self.method_name == "atm":
             return ATMConfig(alpha=p["alpha"], beta=p["beta"], theta_min=p["theta_min"],
@@ -138,6 +142,8 @@ def build_preset(method: MergeConfig, model: ModelInfo, batch_size: int, measure
                  source: str = "atm calibrate", description: str | None = None, default: bool = False,
                  **provenance: Any) -> Preset:
     """A preset for an engine config, with this machine's library versions and today's date."""
+    from .engine import ATMConfig, ToMeConfig  # here: `atm presets list` reads presets without torch
+
     if isinstance(method, ATMConfig):
         method_name = "atm"
         params = {"alpha": method.alpha, "beta": method.beta, "theta_min": method.theta_min,

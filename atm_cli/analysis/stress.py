@@ -21,6 +21,7 @@ from torch import Tensor
 from ..engine import ATMConfig, MergeConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+from ..paper import METHODS
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 Progress = Callable[[int, int], None]
@@ -67,9 +68,6 @@ def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
                             lambda s: ATMConfig(alpha=threshold(s), beta=0.0, theta_min=threshold(s), split_layer=depth),
                             lambda s: {"threshold": threshold(s)}, round(2.0 / THRESHOLD_STEP)),  # down to -1
     }
-
-
-METHODS = ("atm", "tome", "threshold", "tome-increasing", "tome-decreasing")  # atm, then the ladders' names
 
 
 def check_methods(methods: Sequence[str]) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import typer
 
-from atm_cli.engine import ATMConfig, MergeConfig, ToMeConfig
 from atm_cli.errors import UsageError
+from atm_cli.paper import PAPER_DEIT_S
 from atm_cli.presets import default_preset_for, find_preset
 
-# The paper's DeiT-S setting (Table A2): the fallback for a model without a default preset.
-PAPER_DEFAULT = ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88)
+if TYPE_CHECKING:
+    from atm_cli.engine import MergeConfig
+
+# The fallback for a model without a default preset.
 PAPER_DEFAULT_SOURCE = "the paper's DeiT-S setting (Table A2)"
 
 
@@ -75,6 +78,8 @@ class MethodFlags:
 
     def resolve(self, model_name: str, checkpoint_sha256: str | None = None, force: bool = False) -> MethodChoice:
         """The engine config for a model: a preset, the flags, or the model's default ATM setting."""
+        from atm_cli.engine import ATMConfig, ToMeConfig  # here: help and flag checks start without torch
+
         if self.preset is not None:
             preset = find_preset(self.preset, model_name, force, checkpoint_sha256)
             return MethodChoice(preset.method, f"preset {preset.path}", preset.batch_size)
@@ -88,7 +93,7 @@ class MethodFlags:
         if default is not None and (isinstance(default.method, ATMConfig) or not wants_atm):
             choice = MethodChoice(default.method, f"default preset {default.name}", default.batch_size)
         else:
-            choice = MethodChoice(PAPER_DEFAULT, PAPER_DEFAULT_SOURCE)
+            choice = MethodChoice(ATMConfig(**PAPER_DEIT_S), PAPER_DEFAULT_SOURCE)
         if atm:
             choice = MethodChoice(dataclasses.replace(choice.config, **atm), f"{choice.source} with {_flags(atm)}")
         return choice
