@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from .errors import UsageError
 
@@ -40,11 +40,12 @@ def model_name_candidates(architecture: str, known: Collection[str]) -> list[str
     return plain + [name for name in prefixed if name not in plain] + others
 
 
-def complete_model_name(name: str, known: Collection[str]) -> str:
+def complete_model_name(name: str, known: Collection[str], note: Callable[[str], None] | None = None) -> str:
     """`name` with its architecture completed to the one name of `known` it means (the pretrained tag kept).
 
-    Returned unchanged when nothing matches (the caller says what is unknown); several candidates are
-    a UsageError that lists them.
+    A completion is told to `note` in one line (`deit_small -> deit_small_patch16_224`). `name` is returned
+    unchanged when nothing matches (the caller says what is unknown); several candidates are a UsageError
+    that lists them.
     """
     architecture, dot, tag = name.partition(".")
     candidates = model_name_candidates(architecture, known)
@@ -52,5 +53,10 @@ def complete_model_name(name: str, known: Collection[str]) -> str:
         shown = ", ".join(candidates[:_SHOWN_CANDIDATES])
         more = f" and {len(candidates) - _SHOWN_CANDIDATES} more" if len(candidates) > _SHOWN_CANDIDATES else ""
         raise UsageError(f"model {architecture!r} could be {shown}{more}: give the full name")
-    return f"{candidates[0]}{dot}{tag}" if candidates else name
+    if not candidates:
+        return name
+    completed = f"{candidates[0]}{dot}{tag}"
+    if completed != name and note is not None:
+        note(f"{name} -> {completed}")
+    return completed
 

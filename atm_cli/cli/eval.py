@@ -5,22 +5,22 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
-from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder
-from atm_cli.models import DEMO_MODEL_ALIAS
+from atm_cli.model_names import DEMO_MODEL_ALIAS
 
 from . import method_options as methods
 from . import model_data as options
 from .method_options import MethodFlags, MethodName
+
+if TYPE_CHECKING:
+    from atm_cli.evaluation import EvalReport
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -29,9 +29,11 @@ RESULT_SUFFIXES = (".csv", ".json")
 
 def command(
     model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
-                              help="A timm model name (hf-hub: names too), or a folder in timm's format "
-                                   "(config.json + weights). Default: the embedded CIFAR-10 ViT."),
+                              help="A timm model name (deit_small for deit_small_patch16_224; hf-hub: names "
+                                   "too), or a folder in timm's format (config.json + weights). Default: the "
+                                   "embedded CIFAR-10 ViT."),
     checkpoint: Optional[Path] = options.CHECKPOINT,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
     pretrained: bool = options.PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     class_map: Optional[Path] = typer.Option(None, "--class-map", metavar="FILE",
@@ -60,13 +62,17 @@ def command(
     plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
+    from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
+    from atm_cli.engine import ATMConfig, threshold_schedule
+    from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
+
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r)
     if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
     options.check_plot(plot)
 
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device)
+    loaded = options.load(console, model, checkpoint, pretrained, device, unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,

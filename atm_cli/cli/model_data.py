@@ -1,4 +1,8 @@
-"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json."""
+"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json.
+
+Torch, timm and the layers that use them are imported inside the functions that run a command, so that
+`atm --help` and every command's help start in a fraction of a second.
+"""
 from __future__ import annotations
 
 import json
@@ -6,22 +10,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atm_cli.analysis.plotting import pyplot
-from atm_cli.analysis.stress import METHODS as ANALYSIS_METHODS
-from atm_cli.analysis.stress import check_methods
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import LoadedModel, load_image_folder, load_model, preload
-from atm_cli.models import DEMO_MODEL_ALIAS
+from atm_cli.model_names import DEMO_MODEL_ALIAS
+from atm_cli.paper import METHODS as ANALYSIS_METHODS
+
+if TYPE_CHECKING:
+    from atm_cli.evaluation import LoadedModel
 
 MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME",
-                     help="A timm model name. Default: the embedded CIFAR-10 ViT.")
+                     help="A timm model name (deit_small for deit_small_patch16_224). Default: the embedded "
+                          "CIFAR-10 ViT.")
 CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model, loaded by timm.")
+UNSAFE_CHECKPOINT = typer.Option(False, "--unsafe-checkpoint",
+                                 help="Load a --checkpoint that pickles more than weights (e.g. training arguments). "
+                                      "Unpickling runs code from the file: only for files you trust.")
 PRETRAINED = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights.")
 BATCH_SIZE = typer.Option(128, "--batch-size", min=1, help="Images per batch (ATM's r depends on it).")
 LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset of this many images.")
@@ -42,7 +52,7 @@ METHODS = typer.Option(",".join(ANALYSIS_METHODS), "--methods", metavar="LIST",
 
 
 def plot_option(what: str) -> typer.models.OptionInfo:
-    return typer.Option(None, "--plot", metavar="FILE.png", help=f"Also draw {what} (needs atm-cli[plot]).")
+    return typer.Option(None, "--plot", metavar="FILE.png", help=escape(f"Also draw {what} (needs atm-cli[plot]).")
 
 
 def check_plot(plot: Optional[Path]) -> None:
@@ -67,6 +77,8 @@ def finish(console: Console, table: RenderableType, result: dict, json_output: b
 
 def methods_list(text: str) -> list[str]:
     """--methods as names, checked before any model is loaded."""
+    from atm_cli.analysis.stress import check_methods
+
     methods = [name.strip() for name in text.split(",") if name.strip()]
     check_methods(methods)
     return methods
@@ -87,16 +99,35 @@ class Prepared:
     data: Path
 
 
-def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str) -> LoadedModel:
+def resolve_model(console: Console, model: str, pretrained: bool) -> str:
+    """The full timm name of --model; on stderr, the name completed from the one typed and a word on random weights."""
+    from atm_cli.evaluation.models import resolve_model_name
+
+    name = resolve_model_name(model, note=lambda text: console.print(text, highlight=False))
+    if not pretrained:
+        console.print("note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token "
+                      "counts still hold", highlight=False)
+    return name
+
+
+def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str,
+         unsafe_checkpoint: bool = False) -> LoadedModel:
     """The model the flags name, loaded behind a spinner."""
+    from atm_cli.evaluation import load_model
+
+    model = resolve_model(console, model, pretrained)
     with console.status(f"loading {model}"):
-        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device)
+        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device,
+                          unsafe_checkpoint=unsafe_checkpoint)
 
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
-            default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str) -> Prepared:
+            default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str,
+            unsafe_checkpoint: bool = False) -> Prepared:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
-    loaded = load(console, model, checkpoint, pretrained, device)
+    from atm_cli.evaluation import load_image_folder, preload
+
+    loaded = load(console, model, checkpoint, pretrained, device, unsafe_checkpoint)
     with console.status("loading images"):
         root = data if data is not None else default_data
         images = load_image_folder(root, loaded, limit=limit, seed=seed)

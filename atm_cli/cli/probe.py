@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.analysis.probe import PROBE_THRESHOLDS, ProbeReport, plot_probe, probe
-from atm_cli.evaluation import DEMO_CALIB_DATA
+from atm_cli.paper import PROBE_THRESHOLDS
 
 from . import model_data as options
+
+if TYPE_CHECKING:
+    from atm_cli.analysis.probe import ProbeReport
 
 PROBE_LIMIT = 256  # the mean distance settles on a few hundred images; --limit raises it
 
@@ -19,6 +21,7 @@ PROBE_LIMIT = 256  # the mean distance settles on a few hundred images; --limit 
 def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
     pretrained: bool = options.PRETRAINED,
     data: Optional[Path] = options.data_option("1,000 CIFAR-10 calibration images"),
     thresholds: str = typer.Option(",".join(f"{t:g}" for t in PROBE_THRESHOLDS), "--thresholds", metavar="LIST",
@@ -36,11 +39,14 @@ def command(
     The table gives the cosine distance of the final class token (pre-logits) from the unmerged model's.
     A loss that grows towards the first blocks says: start the thresholds high (alpha), let them fall with depth (beta).
     """
+    from atm_cli.analysis.probe import plot_probe, probe
+    from atm_cli.evaluation import DEMO_CALIB_DATA
+
     values = options.floats_list(thresholds, "--thresholds")
     options.check_plot(plot)
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
-                               seed, device)
+                               seed, device, unsafe_checkpoint)
     with options.progress_bar(console, "probing (block x threshold)") as progress:
         report = probe(prepared.loaded.model, prepared.batches, values, progress=progress)
     options.finish(console, probe_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,

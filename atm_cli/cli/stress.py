@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.analysis.stress import StressReport, stress
-from atm_cli.evaluation import DEMO_EVAL_DATA
-
 from . import model_data as options
+
+if TYPE_CHECKING:
+    from atm_cli.analysis.stress import StressReport
 
 
 def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
     pretrained: bool = options.PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     methods: str = options.METHODS,
@@ -37,11 +37,16 @@ def command(
     the step r of their ladder, found by a galloping search, such that r passes and r + 1 fails.
     Every method sees the same batches. The settings are chosen on these images: re-check them on others.
     """
+    import optuna
+
+    from atm_cli.analysis.stress import stress
+    from atm_cli.evaluation import DEMO_EVAL_DATA
+
     names = options.methods_list(methods)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
-                               seed, device)
+                               seed, device, unsafe_checkpoint)
     with options.progress_bar(console, "stress test (methods)") as progress:
         report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,
                         keep_partial=True)
