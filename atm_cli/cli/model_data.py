@@ -52,7 +52,7 @@ METHODS = typer.Option(",".join(ANALYSIS_METHODS), "--methods", metavar="LIST",
 
 
 def plot_option(what: str) -> typer.models.OptionInfo:
-    return typer.Option(None, "--plot", metavar="FILE.png", help=escape(f"Also draw {what} (needs atm-cli[plot]).")
+    return typer.Option(None, "--plot", metavar="FILE.png", help=escape(f"Also draw {what} (needs atm-cli[plot])."))
 
 
 def check_plot(plot: Optional[Path]) -> None:
