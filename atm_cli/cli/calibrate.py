@@ -40,7 +40,7 @@ def command(
                                    "timm's format. Default: the embedded ViT."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model."),
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights."),
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
                                         help="ImageFolder to tune on. Default (atm-demo): the bundled 1,000 "
                                              "calibration images."),
@@ -92,15 +92,15 @@ def command(
                         theta_min=_range(theta_min_range, "--theta-min-range", PAPER_THETA_MIN),
                         step=step, split_layer=split_layer, search_split_layer=search_split_layer)
     request = CalibrationRequest(
-        model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=pretrained, data=data,
-        eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
+        model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
+        data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
         no_drop=no_drop, tolerance=tolerance, n_trials=n_trials, timeout=timeout, seed=seed, space=space,
         batch_size=batch_size, workers=workers, device=device, storage=storage, study_name=study_name, out=out)
     request.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
 
     console = Console(stderr=True)
-    request.model = options.resolve_model(console, model, pretrained)
+    request.model = options.resolve_model(console, model, not no_pretrained)
     if storage is not None and study_name is None:
         goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
         request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"

@@ -20,7 +20,7 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     methods: str = options.METHODS,
     budgets: str = typer.Option(",".join(f"{100 * b:g}" for b in BUDGETS), "--budgets", metavar="LIST",
@@ -48,7 +48,7 @@ def command(
     options.check_plot(plot)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, unsafe_checkpoint)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
         report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,

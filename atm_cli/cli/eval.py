@@ -34,7 +34,7 @@ def command(
                                    "embedded CIFAR-10 ViT."),
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     class_map: Optional[Path] = typer.Option(None, "--class-map", metavar="FILE",
                                              help="Folder -> class index (JSON object or 'folder index' lines), "
@@ -57,8 +57,9 @@ def command(
     limit: Optional[int] = options.LIMIT,
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
     json_output: bool = options.JSON,
-    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE.csv|FILE.json",
-                                                help="Append a row to a CSV file, or write the JSON object."),
+    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE",
+                                                help="Append a row to a .csv file, or write the JSON object to a "
+                                                     ".json file."),
     plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
@@ -72,7 +73,7 @@ def command(
     options.check_plot(plot)
 
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device, unsafe_checkpoint)
+    loaded = options.load(console, model, checkpoint, not no_pretrained, device, unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,

@@ -39,7 +39,8 @@ def _params(preset: Preset) -> str:
 @app.command("list")
 def list_command(
     model: Optional[str] = typer.Option(None, "--model", metavar="NAME",
-                                        help="Only presets made for this model (deit_small for deit_small_patch16_224)."),
+                                        help="Only presets made for this model (deit_small for "
+                                             "deit_small_patch16_224)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """List the bundled presets by model: ATM's alpha/beta/theta_min (or ToMe's r), and what they measured."""

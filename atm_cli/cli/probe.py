@@ -22,7 +22,7 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.data_option("1,000 CIFAR-10 calibration images"),
     thresholds: str = typer.Option(",".join(f"{t:g}" for t in PROBE_THRESHOLDS), "--thresholds", metavar="LIST",
                                    help="Constant thresholds to probe, comma-separated."),
@@ -45,7 +45,7 @@ def command(
     values = options.floats_list(thresholds, "--thresholds")
     options.check_plot(plot)
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
+    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
                                seed, device, unsafe_checkpoint)
     with options.progress_bar(console, "probing (block x threshold)") as progress:
         report = probe(prepared.loaded.model, prepared.batches, values, progress=progress)

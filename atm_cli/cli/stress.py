@@ -18,7 +18,7 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     methods: str = options.METHODS,
     tolerance: float = typer.Option(0.0, "--tolerance", min=0.0,
@@ -45,7 +45,7 @@ def command(
     names = options.methods_list(methods)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, unsafe_checkpoint)
     with options.progress_bar(console, "stress test (methods)") as progress:
         report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,

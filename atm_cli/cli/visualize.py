@@ -24,7 +24,7 @@ def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    no_pretrained: bool = options.NO_PRETRAINED,
     method: Optional[MethodName] = method_options.METHOD,
     preset: Optional[str] = method_options.PRESET,
     force: bool = method_options.FORCE,
@@ -50,7 +50,7 @@ def command(
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {out}")
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device, unsafe_checkpoint)
+    loaded = options.load(console, model, checkpoint, not no_pretrained, device, unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     if choice.config is None:
         raise UsageError("--method none merges nothing: there is nothing to draw")
