@@ -97,8 +97,8 @@ def command(
     chart = tokens_chart(report.merged.tokens_per_layer, thresholds, full=report.baseline.tokens_per_layer[0], width=24)
     summary = Group(_result_table(report), Text(f"{report.method}: mean tokens entering each block\n{chart}"))
     options.finish(console, summary, result, json_output, plot,
-                   lambda path: plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
-                                                      title=f"{report.model}: tokens merged per block"),
+                   lambda path: plot_tokens_per_block([*report.merged.tokens_per_layer, report.merged.tokens_left], path,
+                                                      thresholds, title=f"{report.model}: tokens merged per block"),
                    interrupted=f"the figures cover the first {report.merged.n_images} of {report.n_files} images"
                    if report.interrupted else None)
 

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from atm_cli.paper import PROBE_THRESHOLDS
 
@@ -53,7 +54,7 @@ def command(
                    lambda path: plot_probe(report, path))
 
 
-def probe_table(report: ProbeReport, model: str) -> Table:
+def probe_table(report: ProbeReport, model: str) -> RenderableType:
     table = Table(title=f"{model}, {report.n_images} images: cosine distance of the final class token when "
                         "merging in one block only (tokens merged there per image)", title_justify="left")
     table.add_column("block", justify="right")
@@ -63,4 +64,8 @@ def probe_table(report: ProbeReport, model: str) -> Table:
     for row in report.rows:
         cells = [f"{row.distance[t]:.4f} ({row.merged[t]:.0f})" for t in report.thresholds]
         table.add_row(str(row.block), *cells, f"{row.mean_distance:.4f}")
+    last = report.rows[-1]
+    if not any(last.distance.values()):
+        return Group(table, Text(f"block {last.block}: 0 whatever it merges: the head reads only the class token, and "
+                                 "the last block merges after its attention, so no other token reaches it again"))
     return table
