@@ -9,7 +9,7 @@ from pathlib import Path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+from ..model_names import DEMO_MODEL_NAME
 
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "atm_demo_vit_tiny_patch4_32.safetensors"
 
