@@ -15,7 +15,7 @@ from atm_cli.presets import default_preset_for, find_preset
 if TYPE_CHECKING:
     from atm_cli.engine import MergeConfig
 
-# The fallback for a model without a default preset.
+# Where the fallback for a model without a default preset (atm_cli.paper.PAPER_DEIT_S) comes from.
 PAPER_DEFAULT_SOURCE = "the paper's DeiT-S setting (Table A2)"
 
 
