@@ -100,7 +100,7 @@ def command(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
 
     console = Console(stderr=True)
-    request.model = options.resolve_model(console, model, not no_pretrained)
+    request.model = options.resolve_model(console, model)
     if storage is not None and study_name is None:
         goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
         request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"
@@ -161,6 +161,8 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
     if report.reachable_gflops:
         low, high = report.reachable_gflops
         console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)
+    if not report.request.pretrained:
+        console.print(options.RANDOM_WEIGHTS_NOTE, highlight=False)
     if report.shared_images:
         console.print("note: tuned and reported on the same images, so top-1 is optimistic; "
                       "give --eval-data DIR for a held-out figure", highlight=False)

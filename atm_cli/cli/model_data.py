@@ -39,6 +39,8 @@ LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset o
 SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
 DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+RANDOM_WEIGHTS_NOTE = "note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token " \
+                      "counts still hold"
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C
 
 
@@ -100,15 +102,11 @@ class Prepared:
     data: Path
 
 
-def resolve_model(console: Console, model: str, pretrained: bool) -> str:
-    """The full timm name of --model; on stderr, the name completed from the one typed and a word on random weights."""
+def resolve_model(console: Console, model: str) -> str:
+    """The full timm name of --model; a name completed from the one typed is said on stderr."""
     from atm_cli.evaluation.models import resolve_model_name
 
-    name = resolve_model_name(model, note=lambda text: console.print(text, highlight=False))
-    if not pretrained:
-        console.print("note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token "
-                      "counts still hold", highlight=False)
-    return name
+    return resolve_model_name(model, note=lambda text: console.print(text, highlight=False))
 
 
 def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str,
@@ -116,10 +114,13 @@ def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: b
     """The model the flags name, loaded behind a spinner."""
     from atm_cli.evaluation import load_model
 
-    model = resolve_model(console, model, pretrained)
+    model = resolve_model(console, model)
     with console.status(f"loading {model}"):
-        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device,
-                          unsafe_checkpoint=unsafe_checkpoint)
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device,
+                            unsafe_checkpoint=unsafe_checkpoint)
+    if not pretrained:
+        console.print(RANDOM_WEIGHTS_NOTE, highlight=False)
+    return loaded
 
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
