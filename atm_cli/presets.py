@@ -22,7 +22,7 @@ import yaml
 
 from .engine import METHODS, MethodConfig, method_config
 from .errors import UsageError
-from .models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
 SCHEMA_VERSION = 1
 

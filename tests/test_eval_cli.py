@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from atm_cli.cli.app import app
-from atm_cli.cli.method_options import PAPER_DEFAULT
 from atm_cli.engine import ATMConfig, last_trace, patch
 from atm_cli.evaluation import DEMO_EVAL_DATA
 from atm_cli.models import DEMO_MODEL_NAME, DEMO_WEIGHTS
+from atm_cli.paper import PAPER_DEIT_S
 from atm_cli.presets import default_preset_for
 
 from conftest import make_tiny_vit, write_image_folder
@@ -95,7 +95,7 @@ def test_embedded_default_as_a_process():
     assert result["gflops"] < result["baseline_gflops"]
     # No method flags: the model's default preset, or the paper's DeiT-S setting.
     default = default_preset_for(DEMO_MODEL_NAME)
-    expected = default.method if default is not None else PAPER_DEFAULT
+    expected = default.method if default is not None else ATMConfig(**PAPER_DEIT_S)
     assert result["params"]["alpha"] == expected.alpha and result["params"]["theta_min"] == expected.theta_min
     assert "Traceback" not in process.stderr
 

@@ -303,3 +303,67 @@ def test_shared_imagenet_sample_maps_all_725_classes(imagenet_sample, tiny_image
     subset = load_image_folder(imagenet_sample, loaded, limit=24)
     report = evaluate(loaded, subset, EAGER_ATM, batch_size=8, workers=0).to_dict()
     assert report["n_images"] == 24 and report["skipped_images"] == 0
+
+
+def test_files_that_are_not_checkpoints_say_so(tmp_path):
+    for name, content in (("random.pth", bytes(range(256)) * 8), ("empty.pth", b""), ("text.pth", b"epoch 3\n"),
+                          ("random.safetensors", b"\x10" * 64)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UsageError, match=f"{name} is not a checkpoint") as error:
+            load_model("atm-demo", checkpoint=tmp_path / name, device="cpu")
+        assert "weights_only" not in str(error.value)  # torch's advice would not help: atm offers no such switch
+
+
+def test_a_checkpoint_of_another_architecture_names_its_first_differences(tmp_path):
+    weights = timm.create_model(DEMO_MODEL_NAME).state_dict()
+    del weights["head.bias"]
+    weights["head.weight"] = torch.zeros(7, 128)
+    weights["extra.scale"] = torch.ones(1)
+    torch.save({"model": weights, "epoch": 3}, tmp_path / "other.pth")  # timm unwraps "model"
+    with pytest.raises(RunError) as error:
+        load_model("atm-demo", checkpoint=tmp_path / "other.pth", device="cpu")
+    assert str(error.value).endswith("does not fit atm_demo_vit_tiny_patch4_32: missing head.bias; unexpected "
+                                     "extra.scale; shapes differ: head.weight (7, 128) in the file, (10, 128) in "
+                                     "the model")
+
+
+def test_a_checkpoint_that_needs_unpickling_needs_the_opt_in(tmp_path):
+    torch.manual_seed(3)
+    weights = timm.create_model(DEMO_MODEL_NAME).state_dict()
+    # Older training scripts save their arguments beside the weights: objects that only full unpickling restores.
+    torch.save({"model": weights, "output_dir": Path("runs/deit")}, tmp_path / "trained.pth")
+    with pytest.raises(UsageError, match=r"pickles more than weights \(pathlib\.\w*Path\).*--unsafe-checkpoint"):
+        load_model("atm-demo", checkpoint=tmp_path / "trained.pth", device="cpu")
+    loaded = load_model("atm-demo", checkpoint=tmp_path / "trained.pth", device="cpu", unsafe_checkpoint=True)
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_the_cli_refuses_an_unpicklable_checkpoint_in_one_line_and_loads_it_when_asked(tmp_path, image_folder):
+    from typer.testing import CliRunner
+
+    from atm_cli.cli.app import app
+
+    torch.save({"model": timm.create_model(DEMO_MODEL_NAME).state_dict(), "log": Path("log.txt")}, tmp_path / "t.pth")
+    args = ["probe", "--checkpoint", str(tmp_path / "t.pth"), "--thresholds", "0.9", "--limit", "4"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "--unsafe-checkpoint" in refused.stderr
+    assert CliRunner().invoke(app, [*args, "--unsafe-checkpoint"]).exit_code == 0
+    help_text = CliRunner().invoke(app, ["probe", "--help"], env={"COLUMNS": "200"}).stdout
+    described = " ".join(help_text.replace("│", " ").split())  # wrapped lines read as one text at any width
+    assert "Unpickling runs code from the file" in described
+
+
+def test_offline_the_hub_fails_at_once_with_the_hint(monkeypatch, tmp_path):
+    import time
+
+    from huggingface_hub import constants
+
+    # Nothing listens on port 9 of this machine: the hub is out of reach, as on a machine without a network.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"deit_tiny_patch16_224.*\(offline\? use --checkpoint FILE or --no-pretrained\)"):
+        load_model("deit_tiny_patch16_224", device="cpu")
+    assert time.monotonic() - started < 10
+    assert constants.HF_HUB_OFFLINE  # the hub's cache-only mode, as HF_HUB_OFFLINE=1 sets it

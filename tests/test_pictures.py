@@ -135,7 +135,7 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="plots are the optional atm-cli[plot] extra")
     from atm_cli.analysis.probe import ProbeReport, ProbeRow
 
-    tokens = plot_tokens_per_block([65, 50, 40, 33, 30], tmp_path / "tokens.png", [0.99, 0.97, 0.94, 0.9, 0.88])
+    tokens = plot_tokens_per_block([65, 50, 40, 33, 30, 1], tmp_path / "tokens.png", [0.99, 0.97, 0.94, 0.9, 0.88])
     rows = [ProbeRow(block, {0.8: 0.1 / block, 0.9: 0.05 / block}, {0.8: 20.0, 0.9: 10.0}) for block in range(1, 5)]
     probed = plot_probe(ProbeReport((0.8, 0.9), rows, n_images=8), tmp_path / "probe.png")
     assert non_blank(tokens) and non_blank(probed)

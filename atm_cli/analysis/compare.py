@@ -16,10 +16,9 @@ from pathlib import Path
 from ..errors import Interruptible, UsageError
 from ..engine import ATMConfig
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
 from .stress import METHODS, Batches, Ladder, check_methods, ladders, stress_space
-
-BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass

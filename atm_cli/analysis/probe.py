@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ..engine import ATMConfig, last_trace, patch, unpatch
 from ..errors import UsageError
+from ..paper import PROBE_THRESHOLDS
 from .plotting import pyplot, save_figure
 
-PROBE_THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 NO_MERGE = 2.0  # above any cosine similarity: the block keeps every token
 
 

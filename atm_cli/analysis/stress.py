@@ -22,6 +22,7 @@ from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+from ..paper import METHODS
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 Progress = Callable[[int, int], None]
@@ -73,10 +74,6 @@ def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
                             lambda s: ATMConfig.constant(threshold(s), split_layer=depth),
                             lambda s: {"threshold": threshold(s)}, round(2.0 / THRESHOLD_STEP)),  # down to -1
     }
-
-
-# atm, then the ladders' names: the other registered methods, then the Fig. 5 schedules.
-METHODS = (*REGISTRY, "threshold", "tome-increasing", "tome-decreasing")
 
 
 def check_methods(methods: Sequence[str]) -> None:

@@ -217,19 +217,18 @@ def tokens_chart(tokens_per_layer: Sequence[float], thresholds: Sequence[float] 
     return "\n".join(lines)
 
 
-def plot_tokens_per_block(tokens_per_layer: Sequence[float], path: str | Path, thresholds: Sequence[float] | None = None,
+def plot_tokens_per_block(tokens: Sequence[float], path: str | Path, thresholds: Sequence[float] | None = None,
                           title: str = "") -> Path:
     """Fig. 6: tokens merged in each block (bars) under the block's similarity threshold (line).
 
-    `tokens_per_layer` holds the mean tokens entering each block (as `atm eval` reports them), so
-    the bars are the merges of blocks 1 to L-1; the last block's step (ATM: keep the class token
-    only) does not show.
+    `tokens` holds the mean tokens entering each block, then those leaving the last one (L + 1 values), so
+    every block has its bar; ATM's last bar is its shortcut there: only the class token, all the head reads, goes on.
     """
     plt = pyplot()
-    depth = len(tokens_per_layer)
-    merged = [a - b for a, b in zip(tokens_per_layer, tokens_per_layer[1:])]
+    depth = len(tokens) - 1
+    merged = [a - b for a, b in zip(tokens, tokens[1:])]
     figure, axes = plt.subplots(figsize=(7, 4))
-    handles = [axes.bar(range(1, depth), merged, color="#5aa469", label="tokens merged")]
+    handles = [axes.bar(range(1, depth + 1), merged, color="#5aa469", label="tokens merged")]
     axes.set_xlabel("block")
     axes.set_ylabel("tokens merged per image")
     axes.set_ylim(bottom=0)

@@ -11,7 +11,7 @@ from atm_cli.engine import ATMConfig
 from atm_cli.errors import UsageError
 from atm_cli.evaluation import BatchRun, ImageSet, LoadedModel, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
-from atm_cli.models import DEMO_MODEL_NAME
+from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
 from .search import (BatchOutcome, BudgetGoal, Goal, NoDropGoal, Search, SearchResult, Tally, TrialEvent,
@@ -131,6 +131,7 @@ class CalibrationRequest:
 
     model: str = "atm-demo"
     checkpoint: Path | None = None
+    unsafe_checkpoint: bool = False  # a checkpoint that needs full unpickling (runs code from the file)
     pretrained: bool = True
     data: Path | None = None
     eval_data: Path | None = None
@@ -238,7 +239,8 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     request.check()
     stage = on_stage or (lambda message: None)
     stage(f"loading {request.model}")
-    loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision)
+    loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
+                        unsafe_checkpoint=request.unsafe_checkpoint)
     request.space.validate(len(loaded.model.blocks))
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
     if request.data is None and not demo_defaults:

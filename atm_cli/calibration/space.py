@@ -8,12 +8,7 @@ import optuna
 from atm_cli.engine import ATMConfig
 from atm_cli.engine import resolve_split_layer
 from atm_cli.errors import UsageError
-
-# The paper's sweep (Appendix D): these ranges, every 0.005.
-PAPER_ALPHA = (0.945, 1.000)
-PAPER_BETA = (0.015, 0.050)
-PAPER_THETA_MIN = (0.800, 0.945)
-PAPER_STEP = 0.005
+from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 DIGITS = 6  # grid values are rounded to this many decimals, so 0.9450000000000001 reads 0.945
 
 

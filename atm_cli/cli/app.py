@@ -2,6 +2,7 @@
 
 A command module exposes either `command` (a function, registered under the module's name) or
 `app` (a Typer group of sub-commands). Add one line to COMMANDS to register a new module.
+Command modules import torch and the layers that use it inside their functions: help starts at once.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 import logging
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from atm_cli.errors import AtmError
 
@@ -28,7 +29,26 @@ COMMANDS = (
 )
 
 
-class _ReportingGroup(TyperGroup):
+class _SwitchesTakeNoValue:
+    """Typer's help gives a switch (`--json`, `--help`) the type `<bool>`, as if it took a value: show none."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Command(_SwitchesTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_SwitchesTakeNoValue, TyperGroup):
+    pass
+
+
+class _ReportingGroup(_Group):
     """Turns the library's user-facing errors into one line on stderr and their exit code."""
 
     def invoke(self, ctx):
@@ -57,9 +77,11 @@ def _root() -> None:
 for _module_name in COMMANDS:
     _module = importlib.import_module(f"{__package__}.{_module_name}")
     if isinstance(getattr(_module, "app", None), typer.Typer):
-        app.add_typer(_module.app, name=_module_name)
+        for _info in _module.app.registered_commands:
+            _info.cls = _Command
+        app.add_typer(_module.app, name=_module_name, cls=_Group)
     else:
-        app.command(_module_name)(_module.command)
+        app.command(_module_name, cls=_Command)(_module.command)
 
 
 def main() -> None:

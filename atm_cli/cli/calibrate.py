@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import optuna
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from atm_cli.calibration import CalibrationReport, CalibrationRequest, SearchSpace, TrialEvent, calibrate
-from atm_cli.calibration.space import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 from atm_cli.errors import UsageError
-from atm_cli.models import DEMO_MODEL_ALIAS
+from atm_cli.model_names import DEMO_MODEL_ALIAS
+from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
 from . import model_data as options
+
+if TYPE_CHECKING:
+    from atm_cli.calibration import CalibrationReport, TrialEvent
 
 
 def _range(text: Optional[str], flag: str, default: tuple[float, float]) -> tuple[float, float]:
@@ -35,9 +36,11 @@ def _paper(bounds: tuple[float, float]) -> str:
 
 def command(
     model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
-                              help="A timm model name or a folder in timm's format. Default: the embedded ViT."),
+                              help="A timm model name (deit_small for deit_small_patch16_224) or a folder in "
+                                   "timm's format. Default: the embedded ViT."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights."),
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
                                         help="ImageFolder to tune on. Default (atm-demo): the bundled 1,000 "
                                              "calibration images."),
@@ -81,22 +84,28 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Find ATM's alpha, beta, theta_min for a GFLOPs budget, or the cheapest with no top-1 drop, as a preset."""
+    import optuna
+
+    from atm_cli.calibration import CalibrationRequest, SearchSpace, calibrate
+
     space = SearchSpace(alpha=_range(alpha_range, "--alpha-range", PAPER_ALPHA),
                         beta=_range(beta_range, "--beta-range", PAPER_BETA),
                         theta_min=_range(theta_min_range, "--theta-min-range", PAPER_THETA_MIN),
                         step=step, split_layer=split_layer, search_split_layer=search_split_layer)
-    if storage is not None and study_name is None:
-        goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
-        study_name = f"atm-calibrate-{model}-{goal}"
     request = CalibrationRequest(
-        model=model, checkpoint=checkpoint, pretrained=pretrained, data=data, eval_data=eval_data, limit=limit,
-        target_gflops=target_gflops, target_reduction=target_reduction, no_drop=no_drop, tolerance=tolerance,
-        n_trials=n_trials, timeout=timeout, seed=seed, space=space, batch_size=batch_size, workers=workers,
-        device=device, precision=precision, storage=storage, study_name=study_name, out=out)
+        model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
+        data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
+        no_drop=no_drop, tolerance=tolerance, n_trials=n_trials, timeout=timeout, seed=seed, space=space,
+        batch_size=batch_size, workers=workers, device=device, precision=precision, storage=storage,
+        study_name=study_name, out=out)
     request.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
 
     console = Console(stderr=True)
+    request.model = options.resolve_model(console, model)
+    if storage is not None and study_name is None:
+        goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
+        request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
     try:
@@ -154,6 +163,8 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
     if report.reachable_gflops:
         low, high = report.reachable_gflops
         console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)
+    if not report.request.pretrained:
+        console.print(options.RANDOM_WEIGHTS_NOTE, highlight=False)
     if report.shared_images:
         console.print("note: tuned and reported on the same images, so top-1 is optimistic; "
                       "give --eval-data DIR for a held-out figure", highlight=False)

@@ -2,23 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.analysis.compare import BUDGETS, CompareReport, compare, plot_compare
-from atm_cli.evaluation import DEMO_EVAL_DATA
+from atm_cli.paper import BUDGETS
 
 from . import model_data as options
+
+if TYPE_CHECKING:
+    from atm_cli.analysis.compare import CompareReport
 
 
 def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     methods: str = options.METHODS,
     budgets: str = typer.Option(",".join(f"{100 * b:g}" for b in BUDGETS), "--budgets", metavar="LIST",
@@ -37,13 +39,18 @@ def command(
     ToMe and the Fig. 5 schedules take the least merging that fits the budget.
     ATM takes the calibration search's best top-1 within it.
     """
+    import optuna
+
+    from atm_cli.analysis.compare import compare, plot_compare
+    from atm_cli.evaluation import DEMO_EVAL_DATA
+
     names = options.methods_list(methods)
     shares = [value / 100.0 for value in options.floats_list(budgets, "--budgets")]
     options.check_plot(plot)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
-                               seed, device, precision)
+    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+                               seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
         report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,
                          keep_partial=True)

@@ -5,22 +5,22 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
-from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import DEMO_EVAL_DATA, EvalReport, evaluate, load_image_folder
-from atm_cli.models import DEMO_MODEL_ALIAS
+from atm_cli.model_names import DEMO_MODEL_ALIAS
 
 from . import method_options as methods
 from . import model_data as options
 from .method_options import MethodFlags
+
+if TYPE_CHECKING:
+    from atm_cli.evaluation import EvalReport
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -29,10 +29,12 @@ RESULT_SUFFIXES = (".csv", ".json")
 
 def command(
     model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
-                              help="A timm model name (hf-hub: names too), or a folder in timm's format "
-                                   "(config.json + weights). Default: the embedded CIFAR-10 ViT."),
+                              help="A timm model name (deit_small for deit_small_patch16_224; hf-hub: names "
+                                   "too), or a folder in timm's format (config.json + weights). Default: the "
+                                   "embedded CIFAR-10 ViT."),
     checkpoint: Optional[Path] = options.CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     class_map: Optional[Path] = typer.Option(None, "--class-map", metavar="FILE",
                                              help="Folder -> class index (JSON object or 'folder index' lines), "
@@ -56,18 +58,23 @@ def command(
     limit: Optional[int] = options.LIMIT,
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
     json_output: bool = options.JSON,
-    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE.csv|FILE.json",
-                                                help="Append a row to a CSV file, or write the JSON object."),
+    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE",
+                                                help="Append a row to a .csv file, or write the JSON object to a "
+                                                     ".json file."),
     plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
+    from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
+    from atm_cli.engine import ATMConfig, threshold_schedule
+    from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
+
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r, set_)
     if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
     options.check_plot(plot)
 
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device, precision)
+    loaded = options.load(console, model, checkpoint, not no_pretrained, device, precision, unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,
@@ -99,8 +106,8 @@ def command(
     chart = tokens_chart(report.merged.tokens_per_layer, thresholds, full=report.baseline.tokens_per_layer[0], width=24)
     summary = Group(_result_table(report), Text(f"{report.method}: mean tokens entering each block\n{chart}"))
     options.finish(console, summary, result, json_output, plot,
-                   lambda path: plot_tokens_per_block(report.merged.tokens_per_layer, path, thresholds,
-                                                      title=f"{report.model}: tokens merged per block"),
+                   lambda path: plot_tokens_per_block([*report.merged.tokens_per_layer, report.merged.tokens_left], path,
+                                                      thresholds, title=f"{report.model}: tokens merged per block"),
                    interrupted=f"the figures cover the first {report.merged.n_images} of {report.n_files} images"
                    if report.interrupted else None)
 

@@ -8,10 +8,10 @@ import typer
 
 from atm_cli.engine import METHODS, ATMConfig, MethodConfig, method_class
 from atm_cli.errors import UsageError
+from atm_cli.paper import PAPER_DEIT_S
 from atm_cli.presets import default_preset_for, find_preset
 
-# The paper's DeiT-S setting (Table A2): the fallback for a model without a default preset.
-PAPER_DEFAULT = ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88)
+# Where the fallback for a model without a default preset (atm_cli.paper.PAPER_DEIT_S) comes from.
 PAPER_DEFAULT_SOURCE = "the paper's DeiT-S setting (Table A2)"
 NO_METHOD = "none"
 
@@ -129,7 +129,7 @@ class MethodFlags:
             choice = MethodChoice(default.method, f"default preset {default.name}", default.batch_size,
                                   default.provenance.precision or "fp32")
         else:
-            choice = MethodChoice(PAPER_DEFAULT, PAPER_DEFAULT_SOURCE)
+            choice = MethodChoice(ATMConfig(**PAPER_DEIT_S), PAPER_DEFAULT_SOURCE)
         given = self._given() if self.method_name == "atm" else {}
         if given:
             try:

@@ -1,4 +1,8 @@
-"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json."""
+"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json.
+
+Torch, timm and the layers that use them are imported inside the functions that run a command, so that
+`atm --help` and every command's help start in a fraction of a second.
+"""
 from __future__ import annotations
 
 import json
@@ -6,23 +10,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atm_cli.analysis.plotting import pyplot
-from atm_cli.analysis.stress import METHODS as ANALYSIS_METHODS
-from atm_cli.analysis.stress import check_methods
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import LoadedModel, load_image_folder, load_model, preload
-from atm_cli.models import DEMO_MODEL_ALIAS
+from atm_cli.model_names import DEMO_MODEL_ALIAS
+from atm_cli.paper import METHODS as ANALYSIS_METHODS
+
+if TYPE_CHECKING:
+    from atm_cli.evaluation import LoadedModel
 
 MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME",
-                     help="A timm model name. Default: the embedded CIFAR-10 ViT.")
+                     help="A timm model name (deit_small for deit_small_patch16_224). Default: the embedded "
+                          "CIFAR-10 ViT.")
 CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model, loaded by timm.")
-PRETRAINED = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random weights.")
+UNSAFE_CHECKPOINT = typer.Option(False, "--unsafe-checkpoint",
+                                 help="Load a --checkpoint that pickles more than weights (e.g. training arguments). "
+                                      "Unpickling runs code from the file: only for files you trust.")
+# One switch, not --pretrained/--no-pretrained: a second name widens every command's help past 80 columns.
+NO_PRETRAINED = typer.Option(False, "--no-pretrained", help="Random weights (for GFLOPs and token counts).")
 BATCH_SIZE = typer.Option(128, "--batch-size", min=1, help="Images per batch (ATM's r depends on it).")
 LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset of this many images.")
 SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
@@ -31,6 +42,8 @@ PRECISION = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
                          help="Autocast dtype of the model (fp16 needs CUDA). The engine scores and merges in "
                               "float32 whatever it is.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+RANDOM_WEIGHTS_NOTE = "note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token " \
+                      "counts still hold"
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C
 
 
@@ -40,12 +53,12 @@ def data_option(default_name: str) -> typer.models.OptionInfo:
 
 
 EVAL_DATA = data_option("2,000 CIFAR-10 test images")
-METHODS = typer.Option(",".join(ANALYSIS_METHODS), "--methods", metavar="LIST",
-                       help=f"Comma-separated, from: {', '.join(ANALYSIS_METHODS)}.")
+METHODS = typer.Option(",".join(ANALYSIS_METHODS), "--methods", metavar="LIST", show_default=False,
+                       help=f"Comma-separated, from: {', '.join(ANALYSIS_METHODS)}. Default: all.")
 
 
 def plot_option(what: str) -> typer.models.OptionInfo:
-    return typer.Option(None, "--plot", metavar="FILE.png", help=f"Also draw {what} (needs atm-cli[plot]).")
+    return typer.Option(None, "--plot", metavar="FILE.png", help=escape(f"Also draw {what} (needs atm-cli[plot])."))
 
 
 def check_plot(plot: Optional[Path]) -> None:
@@ -70,6 +83,8 @@ def finish(console: Console, table: RenderableType, result: dict, json_output: b
 
 def methods_list(text: str) -> list[str]:
     """--methods as names, checked before any model is loaded."""
+    from atm_cli.analysis.stress import check_methods
+
     methods = [name.strip() for name in text.split(",") if name.strip()]
     check_methods(methods)
     return methods
@@ -90,18 +105,34 @@ class Prepared:
     data: Path
 
 
+def resolve_model(console: Console, model: str) -> str:
+    """The full timm name of --model; a name completed from the one typed is said on stderr."""
+    from atm_cli.evaluation.models import resolve_model_name
+
+    return resolve_model_name(model, note=lambda text: console.print(text, highlight=False))
+
+
 def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str,
-         precision: str = "fp32") -> LoadedModel:
+         precision: str = "fp32", unsafe_checkpoint: bool = False) -> LoadedModel:
     """The model the flags name, loaded behind a spinner."""
+    from atm_cli.evaluation import load_model
+
+    model = resolve_model(console, model)
     with console.status(f"loading {model}"):
-        return load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device, precision=precision)
+        loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device, precision=precision,
+                            unsafe_checkpoint=unsafe_checkpoint)
+    if not pretrained:
+        console.print(RANDOM_WEIGHTS_NOTE, highlight=False)
+    return loaded
 
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
             default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str,
-            precision: str = "fp32") -> Prepared:
+            precision: str = "fp32", unsafe_checkpoint: bool = False) -> Prepared:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
-    loaded = load(console, model, checkpoint, pretrained, device, precision)
+    from atm_cli.evaluation import load_image_folder, preload
+
+    loaded = load(console, model, checkpoint, pretrained, device, precision, unsafe_checkpoint)
     with console.status("loading images"):
         root = data if data is not None else default_data
         images = load_image_folder(root, loaded, limit=limit, seed=seed)

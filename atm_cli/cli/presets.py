@@ -1,4 +1,7 @@
-"""`atm presets list|show`: the bundled presets (the paper's settings and calibrated ones), by model."""
+"""`atm presets list|show`: the bundled presets (the paper's settings and calibrated ones), by model.
+
+What they print is their output, on stdout (`atm presets list | grep deit`); notes go to stderr.
+"""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atm_cli.engine import METHODS
+from atm_cli.model_names import complete_model_name
 from atm_cli.presets import Preset, canonical_model_name, find_preset, list_presets
 
 app = typer.Typer(help="The bundled presets: the paper's settings and calibrated ones, by model.",
@@ -34,19 +38,27 @@ def _params(preset: Preset) -> str:
 
 @app.command("list")
 def list_command(
-    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Only presets made for this model."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME",
+                                        help="Only presets made for this model (deit_small for "
+                                             "deit_small_patch16_224)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """List the bundled presets by model: each setting's parameters (those not at their default), and what they measured."""
+    notes = Console(stderr=True)
+    if model is not None:
+        # Completed over the names the presets carry, as `atm eval` completes over timm's (without importing it).
+        known = {canonical_model_name(p.model.name) for p in list_presets()}
+        model = complete_model_name(canonical_model_name(model), known,
+                                    note=lambda text: notes.print(text, highlight=False))
     presets = list_presets(model)
     if json_output:
         typer.echo(json.dumps({"presets": [{"name": p.name, **p.to_dict()} for p in presets]}))
         return
-    console = Console(stderr=True)
     if not presets:
-        wanted = f" for {canonical_model_name(model)}" if model else ""
-        console.print(f"no bundled presets{wanted}", highlight=False)
+        wanted = f" for {model}" if model else ""
+        notes.print(f"no bundled presets{wanted}", highlight=False)
         return
+    console = Console()
     for model_name in dict.fromkeys(p.model.name for p in presets):
         table = Table(title=f"{model_name} (atm eval --model ... --preset NAME)", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False)
@@ -75,5 +87,5 @@ def show_command(
     if json_output:
         typer.echo(json.dumps({"name": preset.name, "path": str(preset.path), **preset.to_dict()}))
         return
-    Console(stderr=True).print(f"# {preset.path}", highlight=False)
+    typer.echo(f"# {preset.path}")  # a YAML comment: the output stays a preset file
     typer.echo(yaml.safe_dump(preset.to_dict(), sort_keys=False, width=120), nl=False)

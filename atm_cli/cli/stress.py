@@ -2,23 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import optuna
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.analysis.stress import StressReport, stress
-from atm_cli.evaluation import DEMO_EVAL_DATA
-
 from . import model_data as options
+
+if TYPE_CHECKING:
+    from atm_cli.analysis.stress import StressReport
 
 
 def command(
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
+    no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = options.EVAL_DATA,
     methods: str = options.METHODS,
     tolerance: float = typer.Option(0.0, "--tolerance", min=0.0,
@@ -38,11 +38,16 @@ def command(
     the step r of their ladder, found by a galloping search, such that r passes and r + 1 fails.
     Every method sees the same batches. The settings are chosen on these images: re-check them on others.
     """
+    import optuna
+
+    from atm_cli.analysis.stress import stress
+    from atm_cli.evaluation import DEMO_EVAL_DATA
+
     names = options.methods_list(methods)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
-                               seed, device, precision)
+    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+                               seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "stress test (methods)") as progress:
         report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,
                         keep_partial=True)

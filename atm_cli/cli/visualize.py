@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.analysis.visualize import Visualization, visualize
 from atm_cli.errors import UsageError
 
 from . import method_options
 from . import model_data as options
 from .method_options import MethodFlags
+
+if TYPE_CHECKING:
+    from atm_cli.analysis.visualize import Visualization
 
 
 def command(
@@ -21,7 +23,8 @@ def command(
     out: Path = typer.Option(..., "--out", metavar="FILE.png", help="Where to write the picture."),
     model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
-    pretrained: bool = options.PRETRAINED,
+    unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
+    no_pretrained: bool = options.NO_PRETRAINED,
     method: Optional[str] = method_options.METHOD,
     set_: Optional[List[str]] = method_options.SET,
     preset: Optional[str] = method_options.PRESET,
@@ -42,11 +45,13 @@ def command(
     ATM's last block merges at its threshold here, as in the paper's figures (the logits are the same).
     The number under each picture is the tokens left, class token included.
     """
+    from atm_cli.analysis.visualize import visualize
+
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r, set_)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {out}")
     console = Console(stderr=True)
-    loaded = options.load(console, model, checkpoint, pretrained, device)
+    loaded = options.load(console, model, checkpoint, not no_pretrained, device, unsafe_checkpoint=unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
     if choice.config is None:
         raise UsageError("--method none merges nothing: there is nothing to draw")

@@ -26,6 +26,7 @@ class Forward(NamedTuple):
     gflops: float  # per image
     tokens: tuple[int, ...]  # entering each block
     seconds: float  # model time, synchronised
+    tokens_left: int  # leaving the last block
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BatchRun:
     correct5: list[int] = field(default_factory=list)
     batch_gflops: list[float] = field(default_factory=list)  # GFLOPs per image of each batch
     batch_tokens: list[tuple[int, ...]] = field(default_factory=list)  # tokens entering each block
+    batch_tokens_left: list[int] = field(default_factory=list)  # tokens leaving the last block
     batch_predictions: list[Tensor] = field(default_factory=list)  # top-1 class of each image (CPU)
 
     @property
@@ -64,6 +66,11 @@ class BatchRun:
                 for block in range(len(self.batch_tokens[0]))]
 
     @property
+    def tokens_left(self) -> float:
+        """Mean tokens leaving the last block (with `tokens_per_layer`: what each block merged)."""
+        return sum(n * left for n, left in zip(self.batch_sizes, self.batch_tokens_left)) / self.n_images
+
+    @property
     def predictions(self) -> Tensor:
         return torch.cat(self.batch_predictions)
 
@@ -81,6 +88,7 @@ class BatchRun:
         self.correct5.append(round(top5.item() * n / 100))
         self.batch_gflops.append(forward.gflops)
         self.batch_tokens.append(forward.tokens)
+        self.batch_tokens_left.append(forward.tokens_left)
         self.batch_predictions.append(logits.argmax(dim=1).cpu())
 
 
@@ -115,9 +123,9 @@ def _forward(loaded: LoadedModel, images: Tensor, merged: bool) -> Forward:
     _synchronize(loaded.device)
     seconds = time.perf_counter() - started
     if not merged:
-        return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds)
+        return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds, loaded.unmerged_tokens[-1])
     trace = last_trace(loaded.model)
-    return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds)
+    return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds, trace.tokens[-1])
 
 
 def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MethodConfig | None = None,

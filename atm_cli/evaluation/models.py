@@ -2,22 +2,33 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import pickle
+import socket
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
 from timm.data import resolve_model_data_config
-from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
 from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
 from atm_cli.errors import RunError, UsageError
-from atm_cli.models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+from atm_cli.model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME, complete_model_name
 
 MODEL_SOURCES = ("hf-hub:", "local-dir:")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HUB_TIMEOUT_S = 3.0  # to reach the hub once before a download; without a network it would retry for a minute
+SHOWN_KEYS = 3  # of each kind of mismatch between a checkpoint and its model
+# torch.save's legacy (non-zip) format starts with this pickled number.
+LEGACY_TORCH_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
 @dataclass
@@ -61,8 +72,12 @@ def autocast(loaded: LoadedModel):
                           enabled=loaded.precision != "fp32")
 
 
-def resolve_model_name(name: str) -> str:
-    """The timm name for `name`: the demo alias, a folder saved in timm's format, or a timm/hub name."""
+def resolve_model_name(name: str, note: Callable[[str], None] | None = None) -> str:
+    """The timm name for `name`: the demo alias, a folder saved in timm's format, or a timm/hub name.
+
+    A name as timm users type it is completed (`deit_small` -> `deit_small_patch16_224`, see
+    `atm_cli.model_names`), and the completion told to `note`.
+    """
     if name == DEMO_MODEL_ALIAS:
         return DEMO_MODEL_NAME
     if name.startswith(MODEL_SOURCES):
@@ -75,6 +90,7 @@ def resolve_model_name(name: str) -> str:
     if path.exists() or any(separator in name for separator in ("/", "\\")):
         raise UsageError(f"--model {name}: give a timm model name or a timm model folder; "
                          "for a weights file use --model NAME --checkpoint FILE")
+    name = complete_model_name(name, timm.list_models(), note)
     architecture, tag = split_model_name_tag(name)
     if not timm.is_model(architecture):
         known = timm.list_models() + [DEMO_MODEL_ALIAS]
@@ -97,6 +113,91 @@ def _check_bundled_weights(timm_name: str) -> None:
                        "runs with random weights)")
 
 
+def _downloads_from_hub(timm_name: str, pretrained: bool) -> bool:
+    """Whether timm.create_model(timm_name, pretrained) downloads from the Hugging Face hub."""
+    if timm_name.startswith(MODEL_SOURCES):
+        return timm_name.startswith("hf-hub:")  # its config comes from the hub, weights or not
+    cfg = get_pretrained_cfg(timm_name)
+    return pretrained and cfg is not None and bool(cfg.hf_hub_id)
+
+
+@functools.cache
+def _reachable(url: str) -> bool:
+    """One TCP connection to the host of `url` within HUB_TIMEOUT_S (asked once per process)."""
+    address = urlparse(url)
+    try:
+        socket.create_connection((address.hostname, address.port or (443 if address.scheme == "https" else 80)),
+                                 timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_offline_unless_reachable() -> None:
+    """Offline, the hub retries a download for most of a minute before it gives up; in its offline mode
+    (as HF_HUB_OFFLINE=1 sets it) it uses its cache or fails at once. So: that mode when the hub is out of reach."""
+    if not hub_constants.HF_HUB_OFFLINE and not _reachable(hub_constants.ENDPOINT):
+        hub_constants.HF_HUB_OFFLINE = True
+
+
+def _read_checkpoint(path: Path, unsafe: bool) -> dict:
+    """The state dict in a checkpoint file, unwrapped by timm (`state_dict_ema`, `model`, `state_dict`).
+
+    Only tensors and plain containers are unpickled unless `unsafe`: a file that pickles other objects
+    (older training scripts save their arguments) is refused, since unpickling them runs code from the file.
+    """
+    try:
+        state = load_state_dict(str(path), weights_only=not unsafe)
+    except Exception as error:  # torch, pickle, zipfile and safetensors raise many kinds; all mean "cannot read"
+        torch_file = _is_torch_file(path)
+        kept = _pickled_objects(path) if torch_file and not unsafe else None
+        if kept is not None:
+            raise UsageError(f"checkpoint {path} pickles more than weights{kept}; unpickling it runs code from "
+                             "the file: --unsafe-checkpoint loads it, if you trust the file") from None
+        # torch's own message about any other file would suggest weights_only=False, which cannot help.
+        why = f": {_first_line(error)}" if torch_file or path.suffix == ".safetensors" else ""
+        raise UsageError(f"{path} is not a checkpoint (a .safetensors file or a state dict saved by torch.save)"
+                         f"{why}") from None
+    if not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise UsageError(f"{path} is not a checkpoint: its keys {', '.join(map(str, list(state)[:SHOWN_KEYS]))} "
+                         "hold more than tensors")
+    return state
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Written by torch.save: a zip archive, or the legacy format's pickled magic number first."""
+    with path.open("rb") as f:
+        head = f.read(len(LEGACY_TORCH_HEAD))
+    return head == LEGACY_TORCH_HEAD or zipfile.is_zipfile(path)
+
+
+def _pickled_objects(path: Path) -> str | None:
+    """What a torch file pickles besides weights, as ' (a, b)' ('' where the legacy format cannot tell);
+    None when it pickles nothing more (it failed to load for another reason)."""
+    if not zipfile.is_zipfile(path):
+        return ""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # a damaged archive: not a question of trust
+        return None
+    return f" ({', '.join(names)})" if names else None
+
+
+def _load_fitting(model: nn.Module, state: dict, path: Path, timm_name: str) -> None:
+    """Load `state` into `model`; a checkpoint of another architecture fails naming its first differences."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [f"{key} {tuple(state[key].shape)} in the file, {tuple(value.shape)} in the model"
+                for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    differences = [f"{kind} {', '.join(keys[:SHOWN_KEYS])}" + (f" (of {len(keys)})" if len(keys) > SHOWN_KEYS else "")
+                   for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shapes differ:", reshaped))
+                   if keys]
+    if differences:
+        raise RunError(f"checkpoint {path} does not fit {timm_name}: {'; '.join(differences)}")
+    model.load_state_dict(state)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -111,34 +212,38 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = None, pretrained: bool = True,
-               device: str = "auto", precision: str = "fp32") -> LoadedModel:
+               device: str = "auto", precision: str = "fp32", unsafe_checkpoint: bool = False) -> LoadedModel:
     """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`.
 
     `precision` is the autocast dtype its forward passes will run in (the engine's own scores and
-    merges stay float32 whatever it is).
+    merges stay float32 whatever it is). `unsafe_checkpoint` allows a checkpoint that pickles more
+    than weights: unpickling it runs code from the file.
     """
     timm_name = resolve_model_name(name)
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
+    state = None
     if checkpoint is not None:
         if not pretrained:
             raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise UsageError(f"checkpoint {checkpoint} does not exist")
-    if pretrained and checkpoint is None:
+        state = _read_checkpoint(checkpoint, unsafe_checkpoint)
+    fetch = pretrained and checkpoint is None  # a local checkpoint replaces pretrained weights
+    if fetch:
         _check_bundled_weights(timm_name)
+    if _downloads_from_hub(timm_name, fetch):
+        _hub_offline_unless_reachable()
     try:
-        # A local checkpoint replaces pretrained weights, so nothing is fetched for it.
-        model = timm.create_model(timm_name, pretrained=pretrained and checkpoint is None,
-                                  checkpoint_path=str(checkpoint) if checkpoint else None)
+        model = timm.create_model(timm_name, pretrained=fetch)
     except Exception as error:  # timm, safetensors, torch and the hub raise many kinds; all mean "cannot load"
-        if checkpoint is not None:
-            raise RunError(f"checkpoint {checkpoint} does not fit {timm_name}: {_first_line(error)}") from None
-        if pretrained:
+        if fetch:
             raise RunError(f"could not load pretrained weights for {timm_name}: {_first_line(error)} "
                            "(offline? use --checkpoint FILE or --no-pretrained)") from None
         raise RunError(f"could not create {timm_name}: {_first_line(error)}") from None
+    if state is not None:
+        _load_fitting(model, state, checkpoint, timm_name)
     model.eval().to(target)
 
     cfg = model.pretrained_cfg

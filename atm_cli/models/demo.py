@@ -9,8 +9,8 @@ from pathlib import Path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-DEMO_MODEL_NAME = "atm_demo_vit_tiny_patch4_32"
-DEMO_MODEL_ALIAS = "atm-demo"
+from ..model_names import DEMO_MODEL_NAME
+
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "atm_demo_vit_tiny_patch4_32.safetensors"
 
 # CIFAR-10 training-set channel statistics (computed over the 50,000 training images).
