@@ -1,9 +1,12 @@
 """GFLOPs per image from the token counts of one forward pass (the contract's convention: 1 MAC = 1 FLOP)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -20,33 +23,53 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def _stem_macs_per_patch(model: nn.Module) -> int:
+    """Multiply-adds per patch of `model.patch_embed` (a patch projection, a conv or ResNet stem, a T2T module).
+
+    torch's FLOP counter runs the stem once at the model's input size on meta tensors: shapes only, so
+    it costs no arithmetic and works for any stem. It counts convolutions and matrix products (2 FLOPs
+    per multiply-add), not norms or activations, as the contract's patch-projection count does.
+    """
+    stem = model.patch_embed
+    height, width = stem.img_size
+    images = torch.empty(1, model.in_chans, height, width, device="meta")
+    tensors = {name: torch.empty_like(t, device="meta")
+               for name, t in [*stem.named_parameters(), *stem.named_buffers()]}
+    with FlopCounterMode(display=False) as counter:
+        tokens = torch.func.functional_call(stem, tensors, (images,))
+    return counter.get_total_flops() // (2 * math.prod(tokens.shape[1:-1]))
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The shapes that the FLOP count needs, read once from the model when it is patched."""
 
     width: int
     num_prefix: int
-    patch_macs: int  # per patch: width * in_chans * patch_h * patch_w
+    patch_macs: int  # the stem's, per patch (width * in_chans * patch_h * patch_w for a plain projection)
     attn_linear_macs: tuple[int, ...]  # per token, per block
     attn_widths: tuple[int, ...]
     mlp_macs: tuple[int, ...]
     head_macs: int
+    aux_head_macs: int = 0  # per image token, of a head that reads every image token (LV-ViT's aux_head)
 
     @classmethod
     def of(cls, model: nn.Module) -> "Geometry":
         heads = [getattr(model, name, None) for name in ("head", "head_dist")]
+        aux_head = getattr(model, "aux_head", None)
         return cls(
             width=model.embed_dim,
             num_prefix=model.num_prefix_tokens,
-            patch_macs=model.patch_embed.proj.weight.numel(),
+            patch_macs=_stem_macs_per_patch(model),
             attn_linear_macs=tuple(_linear_macs(b.attn) for b in model.blocks),
             attn_widths=tuple(b.attn.num_heads * b.attn.head_dim for b in model.blocks),
             mlp_macs=tuple(_linear_macs(b.mlp) for b in model.blocks),
             head_macs=sum(h.in_features * h.out_features for h in heads if isinstance(h, nn.Linear)),
+            aux_head_macs=aux_head.in_features * aux_head.out_features if isinstance(aux_head, nn.Linear) else 0,
         )
 
     def gflops(self, steps: list[BlockStep], final_tokens: int) -> float:
-        """Patch embedding, every block as the contract counts it, the final norm and the head(s)."""
+        """The stem, every block as the contract counts it, the final norm and the head(s)."""
         d = self.width
         flops = (steps[0].tokens_in - self.num_prefix) * self.patch_macs
         for i, step in enumerate(steps):
@@ -56,4 +79,5 @@ class Geometry:
             flops += a * b * head_dim  # the merge step's own similarity product
             flops += 5 * n_merged * d + n_merged * self.mlp_macs[i]  # norm2, MLP
         flops += 5 * final_tokens * d + self.head_macs  # final norm, head(s)
+        flops += (final_tokens - self.num_prefix) * self.aux_head_macs
         return flops / 1e9

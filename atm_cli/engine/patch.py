@@ -14,9 +14,9 @@ from .attention import attention_with_sizes
 from .config import ATMConfig, MergeConfig, ToMeConfig, resolve_split_layer, threshold_schedule, tome_schedule
 from .flops import BlockStep, Geometry
 from .merge import adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted, size_distinctive_split
+from .pooling import check_pool_supported, pool_with_sizes
 
 _STATE = "_atm_state"
-SUPPORTED_POOLS = ("token", "avg")
 
 
 @dataclass
@@ -55,8 +55,7 @@ def _check_supported(model: nn.Module) -> None:
             raise ValueError(f"{name}: block {i} is a {type(block).__name__}, not timm's pre-norm Block the engine patches")
         if type(block.attn).forward is not Attention.forward:
             raise ValueError(f"{name}: block {i} attention is {type(block.attn).__name__} (e.g. RoPE), not timm's Attention")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
-        raise ValueError(f"{name}: global_pool={model.global_pool!r} is not supported (needs one of {SUPPORTED_POOLS})")
+    check_pool_supported(model)
 
 
 def patch(model: nn.Module, config: MergeConfig) -> nn.Module:
@@ -73,8 +72,8 @@ def patch(model: nn.Module, config: MergeConfig) -> nn.Module:
         raise TypeError(f"expected ATMConfig or ToMeConfig, got {type(config).__name__}")
     setattr(model, _STATE, state)
     model.forward_features = types.MethodType(_merging_forward_features, model)
-    if model.global_pool == "avg":
-        model.pool = types.MethodType(_size_weighted_pool, model)
+    if model.global_pool in ("avg", "map"):
+        model.pool = types.MethodType(_pool_merged, model)
     return model
 
 
@@ -140,8 +139,9 @@ def _plan_merge(model: VisionTransformer, state: _State, index: int, metric: Ten
         return merge_closure(matching, r, num_prefix), (split[0].shape[1], split[1].shape[1], head_dim)
 
     last = index == len(model.blocks) - 1
-    if last and config.prefix_only_last_block and model.global_pool == "token":
-        return (lambda t: t[:, :num_prefix]), (0, 0, 0)  # the head reads prefix tokens only (App. A)
+    # The head reads prefix tokens only (App. A); an `aux_head` (LV-ViT) reads the image tokens too.
+    if last and config.prefix_only_last_block and model.global_pool == "token" and not hasattr(model, "aux_head"):
+        return (lambda t: t[:, :num_prefix]), (0, 0, 0)
     if index < state.split_layer:  # block index + 1 <= split_layer
         split = alternate_split(batch, n_tokens, num_prefix, metric.device)
     else:
@@ -152,11 +152,5 @@ def _plan_merge(model: VisionTransformer, state: _State, index: int, metric: Ten
     return (merge_closure(matching, r, num_prefix) if r > 0 else None), similarity
 
 
-def _size_weighted_pool(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """Average pooling where a merged token counts as many times as the patches it holds."""
-    size = getattr(model, _STATE).trace.size
-    if size is None or (pool_type or model.global_pool) != "avg":
-        return VisionTransformer.pool(model, x, pool_type)
-    if not model.pool_include_prefix:
-        x, size = x[:, model.num_prefix_tokens:], size[:, model.num_prefix_tokens:]
-    return (x * size).sum(dim=1) / size.sum(dim=1)
+def _pool_merged(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
+    return pool_with_sizes(model, x, getattr(model, _STATE).trace.size, pool_type)
