@@ -27,6 +27,7 @@ FAMILIES = {
     "dinov2": ("vit_small_patch14_dinov2", {**TINY, "img_size": 56}, 56),
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", {**TINY, "img_size": 56}, 56),
     "siglip_map_pool": ("vit_base_patch16_siglip_224", {**TINY, "img_size": 64}, 64),
+    "hybrid_resnet_stem": ("vit_tiny_r_s16_p8_224", {**TINY, "img_size": 128}, 128),
 }
 
 
@@ -69,13 +70,15 @@ def test_parameters_and_unmerged_gflops_match_the_papers(name, params_m, gflops)
     assert last_trace(model).gflops == pytest.approx(gflops, abs=0.05)
 
 
+@pytest.mark.parametrize("name,side", [("lvvit_t", 64), ("vit_tiny_r_s16_p8_224", 128)])
 @torch.no_grad()
-def test_merged_gflops_count_the_conv_stem_and_the_aux_head_like_torch_flop_counter():
-    model = timm.create_model("lvvit_t", pretrained=False, embed_dim=96, depth=4, num_heads=2, img_size=64).eval()
+def test_merged_gflops_count_the_stem_and_the_aux_head_like_torch_flop_counter(name, side):
+    """LV-ViT's conv stem and per-token aux head, a hybrid's ResNet stem: counted as torch's counter counts them."""
+    model = timm.create_model(name, pretrained=False, embed_dim=96, depth=4, num_heads=2, img_size=side).eval()
     for block in model.blocks:  # the counter sees the two attention products only when they are unfused
         block.attn.fused_attn = False
     patch(model, ATMConfig(alpha=0.9, beta=0.05, theta_min=0.3))
-    batch = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    batch = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
     with FlopCounterMode(display=False) as counter:
         model(batch)
     assert last_trace(model).tokens[-1] < 17
