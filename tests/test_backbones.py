@@ -2,6 +2,8 @@
 against their papers' figures, the authors' checkpoint layouts, the unpatched logits and hand-built cases."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -11,8 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.engine.pooling import pool_with_sizes
 from atm_cli.evaluation import load_model
+from atm_cli.presets import list_presets
 from atm_cli.models import lvvit, t2t_vit  # noqa: F401  (registers the models with timm)
 
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "atm-paper.txt"
 NO_MERGE_ATM = ATMConfig(alpha=1.5, beta=0.0, theta_min=1.5)
 EAGER_ATM = ATMConfig(alpha=0.5, beta=0.0, theta_min=0.5)
 TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -228,3 +232,34 @@ def test_pooling_merged_tokens_equals_pooling_their_duplicates(include_prefix):
                       for b in range(2)]
         reference = torch.stack([model.pool(d[None])[0] for d in duplicated])
         torch.testing.assert_close(pool_with_sizes(model, x, sizes), reference, atol=1e-5, rtol=0)
+
+
+# --- presets --------------------------------------------------------------------------------------------------------
+
+def paper_rows(table: str, end: str | None) -> set[tuple[float, ...]]:
+    """Every (alpha, beta, theta_min, GFLOPs, top-1) row of one of the paper's tables, read from its text."""
+    text = PAPER.read_text()
+    body = text[text.index(f"Table {table}: Full results"):text.index(end) if end else None]
+    rows = set()
+    for words in (line.split() for line in body.splitlines()):
+        if len(words) == 5 and all(w.replace(".", "", 1).isdigit() for w in words):
+            rows.add(tuple(float(w) for w in words))
+    return rows
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason=f"the paper's text is absent: {PAPER}")
+@pytest.mark.parametrize("table,end,models", [
+    ("A4", "Table A5:", {"lvvit_t": 13, "lvvit_s": 13, "lvvit_m": 15}),
+    ("A5", None, {"t2t_vit_t_14": 14, "t2t_vit_t_19": 17, "vit_base_patch16_224_mae_ft": 18}),
+])
+def test_every_row_of_tables_a4_and_a5_is_a_preset(table, end, models):
+    rows = paper_rows(table, end)
+    presets = [p for p in list_presets() if p.provenance.source == f"paper Table {table}"]
+    assert {(p.params["alpha"], p.params["beta"], p.params["theta_min"], p.measured.gflops, p.measured.top1)
+            for p in presets} == rows and len(presets) == len(rows)
+    for name, count in models.items():
+        found = list_presets(name)
+        assert len(found) == count
+        # The paper turns proportional attention off for MAE only (App. A); T2T-ViT ran at batch size 100.
+        assert all(p.params["prop_attn"] == (name != "vit_base_patch16_224_mae_ft") for p in found)
+        assert all(p.batch_size == (100 if name.startswith("t2t") else 1024) for p in found)
