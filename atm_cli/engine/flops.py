@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from timm.layers import AttentionPoolLatent
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,19 @@ class Geometry:
     attn_widths: tuple[int, ...]
     mlp_macs: tuple[int, ...]
     head_macs: int
-    aux_head_macs: int = 0  # per image token, of a head that reads every image token (LV-ViT's aux_head)
+    # Per image token left after the blocks, of what reads each one: LV-ViT's aux_head, the keys and
+    # values of an attention pool (SigLIP) with its two attention products.
+    token_head_macs: int = 0
 
     @classmethod
     def of(cls, model: nn.Module) -> "Geometry":
-        heads = [getattr(model, name, None) for name in ("head", "head_dist")]
-        aux_head = getattr(model, "aux_head", None)
+        heads = [getattr(model, name, None) for name in ("head", "head_dist", "aux_head")]
+        head_macs = [h.in_features * h.out_features if isinstance(h, nn.Linear) else 0 for h in heads]
+        pool = getattr(model, "attn_pool", None)
+        pool_macs, pool_token_macs = 0, 0
+        if isinstance(pool, AttentionPoolLatent):
+            pool_token_macs = _linear_macs(pool.kv) + 2 * pool.num_heads * pool.head_dim * pool.latent_len
+            pool_macs = _linear_macs(pool) - _linear_macs(pool.kv)  # the latent query, proj and MLP, once
         return cls(
             width=model.embed_dim,
             num_prefix=model.num_prefix_tokens,
@@ -64,8 +72,8 @@ class Geometry:
             attn_linear_macs=tuple(_linear_macs(b.attn) for b in model.blocks),
             attn_widths=tuple(b.attn.num_heads * b.attn.head_dim for b in model.blocks),
             mlp_macs=tuple(_linear_macs(b.mlp) for b in model.blocks),
-            head_macs=sum(h.in_features * h.out_features for h in heads if isinstance(h, nn.Linear)),
-            aux_head_macs=aux_head.in_features * aux_head.out_features if isinstance(aux_head, nn.Linear) else 0,
+            head_macs=head_macs[0] + head_macs[1] + pool_macs,
+            token_head_macs=head_macs[2] + pool_token_macs,
         )
 
     def gflops(self, steps: list[BlockStep], final_tokens: int) -> float:
@@ -79,5 +87,5 @@ class Geometry:
             flops += a * b * head_dim  # the merge step's own similarity product
             flops += 5 * n_merged * d + n_merged * self.mlp_macs[i]  # norm2, MLP
         flops += 5 * final_tokens * d + self.head_macs  # final norm, head(s)
-        flops += (final_tokens - self.num_prefix) * self.aux_head_macs
+        flops += (final_tokens - self.num_prefix) * self.token_head_macs
         return flops / 1e9
