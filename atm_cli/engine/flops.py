@@ -32,6 +32,8 @@ def _stem_macs_per_patch(model: nn.Module) -> int:
     per multiply-add), not norms or activations, as the contract's patch-projection count does.
     """
     stem = model.patch_embed
+    if getattr(stem, "img_size", None) is None:
+        raise ValueError(f"{type(model).__name__}: patch_embed has no img_size to count the stem's cost at")
     height, width = stem.img_size
     images = torch.empty(1, model.in_chans, height, width, device="meta")
     tensors = {name: torch.empty_like(t, device="meta")
