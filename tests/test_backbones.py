@@ -40,17 +40,17 @@ def build(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **overrides).eval()
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for key, parameter in model.named_parameters():
             if parameter.ndim == 1:  # LayerScale's 1e-5 init would hide mistakes behind tiny residuals
                 parameter.normal_(1.0, 0.5)
-            elif name in ("cls_token", "reg_token"):  # near zero at init: as good as one more image token
+            elif key in ("cls_token", "reg_token"):  # near zero at init: as good as one more image token
                 parameter.normal_()
     return model
 
 
-def images(family: str, batch: int = 2) -> torch.Tensor:
+def images(family: str) -> torch.Tensor:
     side = FAMILIES[family][2]
-    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
+    return torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
 
 
 # --- the papers' figures ------------------------------------------------------------------------------------------
