@@ -7,8 +7,7 @@ import sys
 import timm
 import torch
 from timm.layers import Attention
-from timm.models import get_arch_name
-from timm.models._registry import _model_to_module
+from timm.models import get_arch_name, model_entrypoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from atm_cli.engine import ToMeConfig, patch
@@ -16,9 +15,10 @@ from atm_cli.engine.pooling import SUPPORTED_POOLS
 
 
 def pretrained_vision_transformers() -> list[str]:
-    """timm's architectures with pretrained weights from modules that build VisionTransformer (or a subclass)."""
+    """timm's architectures with pretrained weights from modules that build VisionTransformer (or a subclass);
+    atm's own (LV-ViT, T2T-ViT, MAE, the demo model) too once `atm_cli.models` is imported."""
     def builds_vit(arch: str) -> bool:
-        module = sys.modules[f"timm.models.{_model_to_module[arch]}"]
+        module = sys.modules[model_entrypoint(arch).__module__]
         return any(isinstance(v, type) and issubclass(v, VisionTransformer) for v in vars(module).values())
     return sorted(arch for arch in {get_arch_name(n) for n in timm.list_models(pretrained=True)} if builds_vit(arch))
 
