@@ -16,7 +16,7 @@ def check_pool_supported(model: VisionTransformer) -> None:
         raise ValueError(f"{name}: global_pool={model.global_pool!r} is not supported (needs one of {SUPPORTED_POOLS})")
     pool = getattr(model, "attn_pool", None)
     if model.global_pool == "map":
-        if type(pool).forward is not AttentionPoolLatent.forward:
+        if getattr(type(pool), "forward", None) is not AttentionPoolLatent.forward:
             raise ValueError(f"{name}: attention pool {type(pool).__name__} is not timm's AttentionPoolLatent")
         if pool.pos_embed is not None:
             raise ValueError(f"{name}: the attention pool adds a per-position embedding, which merged tokens no longer have")
