@@ -108,7 +108,7 @@ def test_patching_twice_replaces_the_config(images):
 
 @pytest.mark.parametrize("name,kwargs,missing", [
     ("eva02_tiny_patch14_224", {}, "VisionTransformer"),
-    ("vit_tiny_patch16_224", {"global_pool": "map"}, "global_pool"),
+    ("vit_tiny_patch16_224", {"global_pool": "avgmax"}, "global_pool"),
 ])
 def test_unsupported_models_are_refused_before_any_forward(name, kwargs, missing):
     model = timm.create_model(name, pretrained=False, **kwargs)

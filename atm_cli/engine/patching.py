@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,9 +15,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from .attention import attention_with_sizes
 from .flops import BlockStep, Geometry
 from .methods import BlockInput, MethodConfig, Plan, Reduction
+from .pooling import check_pool_supported, pool_with_sizes
 
 _STATE = "_atm_state"
-SUPPORTED_POOLS = ("token", "avg")
+_GEOMETRY: "weakref.WeakKeyDictionary[nn.Module, Geometry]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -54,8 +56,7 @@ def _check_supported(model: nn.Module) -> None:
             raise ValueError(f"{name}: block {i} is a {type(block).__name__}, not timm's pre-norm Block the engine patches")
         if type(block.attn).forward is not Attention.forward:
             raise ValueError(f"{name}: block {i} attention is {type(block.attn).__name__} (e.g. RoPE), not timm's Attention")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
-        raise ValueError(f"{name}: global_pool={model.global_pool!r} is not supported (needs one of {SUPPORTED_POOLS})")
+    check_pool_supported(model)
 
 
 def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) -> nn.Module:
@@ -66,11 +67,13 @@ def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) ->
     _check_supported(model)
     if not isinstance(config, MethodConfig):
         raise TypeError(f"expected a method config (e.g. ATMConfig, ToMeConfig), got {type(config).__name__}")
-    state = _State(config=config, plan=config.plan(model), geometry=Geometry.of(model), trace_source=trace_source)
+    if model not in _GEOMETRY:  # shapes only; counting the stem runs torch's FLOP counter, so once a model
+        _GEOMETRY[model] = Geometry.of(model)
+    state = _State(config=config, plan=config.plan(model), geometry=_GEOMETRY[model], trace_source=trace_source)
     setattr(model, _STATE, state)
     model.forward_features = types.MethodType(_merging_forward_features, model)
-    if model.global_pool == "avg":
-        model.pool = types.MethodType(_size_weighted_pool, model)
+    if model.global_pool in ("avg", "map"):
+        model.pool = types.MethodType(_pool_merged, model)
     return model
 
 
@@ -142,15 +145,12 @@ def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
     """The plan's step with autocast off: scores, thresholds and size-weighted sums in float32 whatever
     precision the model runs in (a threshold compared on the bfloat16 grid, spacing 0.004 near 0.9,
     would move token counts between precisions; x * size overflows float16)."""
-    with torch.autocast(block.x.device.type, enabled=False):
+    device_type = block.x.device.type
+    if not torch.amp.is_autocast_available(device_type):  # e.g. the meta device: shapes only, no autocast
+        return plan.step(block)
+    with torch.autocast(device_type, enabled=False):
         return plan.step(block)
 
 
-def _size_weighted_pool(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """Average pooling where a merged token counts as many times as the patches it holds."""
-    size = getattr(model, _STATE).trace.size
-    if size is None or (pool_type or model.global_pool) != "avg":
-        return VisionTransformer.pool(model, x, pool_type)
-    if not model.pool_include_prefix:
-        x, size = x[:, model.num_prefix_tokens:], size[:, model.num_prefix_tokens:]
-    return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
+def _pool_merged(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
+    return pool_with_sizes(model, x, getattr(model, _STATE).trace.size, pool_type)

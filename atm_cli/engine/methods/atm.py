@@ -59,12 +59,14 @@ class ATMConfig(MethodConfig):
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
         thresholds = threshold_schedule(self, depth)
         split_layer = resolve_split_layer(self, depth)
-        head_reads_prefix_only = self.prefix_only_last_block and model.global_pool == "token"
+        # The head reads prefix tokens only (App. A); an `aux_head` (LV-ViT) reads the image tokens too.
+        head_reads_prefix_only = (self.prefix_only_last_block and model.global_pool == "token"
+                                  and not hasattr(model, "aux_head"))
 
         def step(block: BlockInput) -> Reduction | None:
             batch, n_tokens, head_dim = block.metric.shape
             if block.index == depth - 1 and head_reads_prefix_only:
-                # The head reads prefix tokens only (App. A): the last MLP runs on those alone.
+                # The last MLP runs on the prefix tokens alone.
                 def prefix(t):
                     return t[:, :num_prefix]
                 return Reduction(prefix(block.x), None if block.size is None else prefix(block.size), prefix)
