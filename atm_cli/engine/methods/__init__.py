@@ -9,9 +9,10 @@ from typing import Any
 
 from .atm import ATMConfig, resolve_split_layer, threshold_schedule
 from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
+from .evit import EViTConfig
 from .tome import ToMeConfig, tome_schedule
 
-_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig)
+_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, EViTConfig)
 METHODS: dict[str, type[MethodConfig]] = {cls.NAME: cls for cls in _ALL}
 
 
@@ -28,4 +29,4 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 __all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
-           "ATMConfig", "ToMeConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]
+           "ATMConfig", "ToMeConfig", "EViTConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]
