@@ -6,8 +6,8 @@ registry import without torch; the names that need it load on first use.
 """
 from importlib import import_module
 
-from .methods import (METHODS, ATMConfig, EViTConfig, MethodConfig, ToMeConfig, method_class, method_config,
-                      resolve_split_layer, threshold_schedule, tome_schedule)
+from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, ToMeConfig, method_class,
+                      method_config, resolve_split_layer, threshold_schedule, tome_schedule)
 
 _LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching"}
 
@@ -18,5 +18,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MethodConfig", "method_class", "method_config",
+__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "MethodConfig", "method_class", "method_config",
            "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]

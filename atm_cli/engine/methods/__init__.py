@@ -10,9 +10,10 @@ from typing import Any
 from .atm import ATMConfig, resolve_split_layer, threshold_schedule
 from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
 from .evit import EViTConfig
+from .mctf import MCTFConfig
 from .tome import ToMeConfig, tome_schedule
 
-_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, EViTConfig)
+_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, EViTConfig, MCTFConfig)
 METHODS: dict[str, type[MethodConfig]] = {cls.NAME: cls for cls in _ALL}
 
 
@@ -29,4 +30,4 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 __all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
-           "ATMConfig", "ToMeConfig", "EViTConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]
+           "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]

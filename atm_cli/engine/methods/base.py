@@ -143,7 +143,8 @@ class MethodConfig:
 
 @dataclass
 class BlockInput:
-    """What a block's reduction step sees, between the block's attention and its MLP."""
+    """What a block's reduction step sees, between the block's attention and its MLP (or, in the plan's
+    `before_attention` blocks, before the attention: then `x` is the block's input and `metric` is `x`)."""
 
     index: int  # 0-based block index
     x: "Tensor"  # (B, N, C) the residual stream after attention
@@ -160,6 +161,8 @@ class Reduction:
     size: "Tensor | None"  # None: every size is still 1
     combine: Callable[["Tensor"], "Tensor"]  # e.g. source maps (B, N, N_0) -> (B, N', N_0)
     extra_macs: int = 0  # the step's own multiply-adds per image (similarities, scores), for GFLOPs
+    # Before the attention only: (B, H, N', N') probabilities the block's attention uses instead of its own.
+    attention: "Tensor | None" = None
 
 
 @dataclass
@@ -169,3 +172,4 @@ class Plan:
     step: Callable[[BlockInput], Reduction | None]
     attention_blocks: frozenset[int] = frozenset()
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
+    before_attention: frozenset[int] = frozenset()  # blocks whose step runs before the attention (MCTF)
