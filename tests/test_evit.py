@@ -10,6 +10,7 @@ from atm_cli.engine import EViTConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.evit import keep_and_fuse
 from atm_cli.presets import load_preset, save_preset
 
+from conftest import make_tiny_vit
 from test_engine import build
 from test_presets import a_preset
 
@@ -66,6 +67,15 @@ def test_default_schedule_token_counts(images):
     model(images)
     # block 3: 1 + ceil(0.7 * 196) + 1 = 140; block 6: 1 + ceil(0.7 * 139) + 1 = 100; block 9: 1 + ceil(0.7 * 99) + 1 = 72
     assert last_trace(model).tokens == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 3
+
+
+@torch.no_grad()
+def test_default_blocks_follow_the_depth():
+    model = make_tiny_vit(num_classes=3)  # 2 blocks, 16 patches: blocks 2 // 4 = 0 and 2 // 2 = 2 * 3 // 4 = 1
+    patch(model, EViTConfig())
+    model(torch.randn(1, 3, 32, 32))
+    # block 0: 1 + ceil(0.7 * 16) + 1 = 14; block 1: 1 + ceil(0.7 * 13) + 1 = 12
+    assert last_trace(model).tokens == [17, 14, 12]
 
 
 @pytest.mark.parametrize("family", ["deit_distilled", "registers"])

@@ -25,12 +25,13 @@ class EViTConfig(MethodConfig):
     SUMMARY = "EViT: keep the tokens the class token attends to most, fuse the rest into one (Liang et al., 2022)"
     PARAMS = (
         Param("keep_rate", float, "share of image tokens kept in each reducing block", low=0.0, high=1.0, low_open=True),
-        Param("blocks", "ints", "0-based blocks that reduce: one int or a comma list", low=0),
+        Param("blocks", "ints", "0-based blocks that reduce (none: at 1/4, 1/2 and 3/4 of the depth)", low=0,
+              optional=True),
         Param("fuse", bool, "fuse the dropped tokens into one, weighted by class attention (off: drop them)"),
     )
 
     keep_rate: float = 0.7
-    blocks: int | tuple[int, ...] = (3, 6, 9)
+    blocks: int | tuple[int, ...] | None = None  # 3, 6, 9 in a 12-block model, the paper's
     fuse: bool = True
 
     def __post_init__(self) -> None:
@@ -47,10 +48,11 @@ class EViTConfig(MethodConfig):
         if getattr(model, "cls_token", None) is None:
             raise ValueError(f"EViT ranks tokens by the class token's attention, and {type(model).__name__} has no class token")
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
-        beyond = [b for b in self.blocks if b >= depth]
+        blocks = frozenset((depth // 4, depth // 2, 3 * depth // 4) if self.blocks is None else self.blocks)
+        beyond = sorted(b for b in blocks if b >= depth)
         if beyond:
             raise ValueError(f"EViT block {beyond[0]} does not exist in a {depth}-block model (blocks count from 0)")
-        keep_rate, fuse, blocks = self.keep_rate, self.fuse, frozenset(self.blocks)
+        keep_rate, fuse = self.keep_rate, self.fuse
 
         def step(block: BlockInput) -> Reduction | None:
             if block.index not in blocks:
