@@ -152,7 +152,15 @@ def test_set_strings_and_params_round_trip():
     config = method_config("evit", {"keep_rate": "0.6", "blocks": "2,5", "fuse": "off"})
     assert config == EViTConfig(keep_rate=0.6, blocks=(2, 5), fuse=False)
     assert EViTConfig.from_params(config.to_params()) == config
-    assert method_config("evit", {"blocks": "4"}) == EViTConfig(blocks=[4])
+
+
+
+@torch.no_grad()
+def test_one_block_given_as_an_int(images):
+    model = build("deit_tiny")
+    patch(model, method_config("evit", {"blocks": "4", "fuse": "false"}))
+    model(images)
+    assert last_trace(model).merged == [0] * 4 + [196 - 138] + [0] * 7  # ceil(0.7 * 196) = 138 kept
 
 
 def test_preset_round_trip(tmp_path):

@@ -18,5 +18,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "MethodConfig", "method_class", "method_config",
-           "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]
+__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "MethodConfig", "method_class",
+           "method_config", "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]

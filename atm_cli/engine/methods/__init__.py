@@ -30,4 +30,5 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 __all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
-           "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "threshold_schedule", "tome_schedule", "resolve_split_layer"]
+           "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "threshold_schedule", "tome_schedule",
+           "resolve_split_layer"]

@@ -141,6 +141,15 @@ class MethodConfig:
         raise NotImplementedError
 
 
+def block_indices(method: str, blocks, depth: int) -> frozenset[int]:
+    """A method's 0-based `blocks` (an int or ints) as a set, refusing any beyond a `depth`-block model."""
+    indices = frozenset((blocks,) if isinstance(blocks, int) else blocks)
+    beyond = sorted(b for b in indices if b >= depth)
+    if beyond:
+        raise ValueError(f"{method} block {beyond[0]} does not exist in a {depth}-block model (blocks count from 0)")
+    return indices
+
+
 @dataclass
 class BlockInput:
     """What a block's reduction step sees, between the block's attention and its MLP (or, in the plan's

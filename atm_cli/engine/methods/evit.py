@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction, block_indices
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -31,13 +31,8 @@ class EViTConfig(MethodConfig):
     )
 
     keep_rate: float = 0.7
-    blocks: int | tuple[int, ...] | None = None  # 3, 6, 9 in a 12-block model, the paper's
+    blocks: int | tuple[int, ...] | None = None
     fuse: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.blocks, int):
-            object.__setattr__(self, "blocks", (self.blocks,))
 
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
@@ -46,24 +41,21 @@ class EViTConfig(MethodConfig):
 
     def plan(self, model: "nn.Module") -> Plan:
         if getattr(model, "cls_token", None) is None:
-            raise ValueError(f"EViT ranks tokens by the class token's attention, and {type(model).__name__} has no class token")
+            raise ValueError(f"EViT ranks tokens by the class token's attention: {type(model).__name__} has no class token")
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
-        blocks = frozenset((depth // 4, depth // 2, 3 * depth // 4) if self.blocks is None else self.blocks)
-        beyond = sorted(b for b in blocks if b >= depth)
-        if beyond:
-            raise ValueError(f"EViT block {beyond[0]} does not exist in a {depth}-block model (blocks count from 0)")
-        keep_rate, fuse = self.keep_rate, self.fuse
+        paper_blocks = (depth // 4, depth // 2, 3 * depth // 4)  # 3, 6, 9 of 12
+        blocks = block_indices("EViT", paper_blocks if self.blocks is None else self.blocks, depth)
 
         def step(block: BlockInput) -> Reduction | None:
             if block.index not in blocks:
                 return None
             n_image = block.x.shape[1] - num_prefix
-            keep = math.ceil(keep_rate * n_image)  # EViT's count
+            keep = math.ceil(self.keep_rate * n_image)  # EViT's count
             if keep >= n_image:
                 return None
             class_attention = block.attention[:, 0, num_prefix:].float()  # timm puts the class token first
-            reduce = keep_and_fuse(class_attention, keep, num_prefix, fuse)
-            fused_macs = (n_image - keep) * block.x.shape[-1] if fuse else 0
+            reduce = keep_and_fuse(class_attention, keep, num_prefix, self.fuse)
+            fused_macs = (n_image - keep) * block.x.shape[-1] if self.fuse else 0
             return Reduction(reduce(block.x), None, reduce, fused_macs)
 
         return Plan(step, attention_blocks=blocks)

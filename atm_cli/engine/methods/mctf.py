@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction, block_indices
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -45,11 +45,6 @@ class MCTFConfig(MethodConfig):
     prop_attn: bool = True
     blocks: int | tuple[int, ...] | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.blocks, int):
-            object.__setattr__(self, "blocks", (self.blocks,))
-
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
         return Knob("r", image_tokens // 2, lambda r: cls(r=r))
@@ -61,34 +56,30 @@ class MCTFConfig(MethodConfig):
         from ..merge import alternate_split, merge_weighted
 
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
-        blocks = frozenset(range(1, depth) if self.blocks is None else self.blocks)
-        beyond = sorted(b for b in blocks if b >= depth)
-        if beyond:
-            raise ValueError(f"MCTF block {beyond[0]} does not exist in a {depth}-block model (blocks count from 0)")
-        config = self
+        blocks = block_indices("MCTF", range(1, depth) if self.blocks is None else self.blocks, depth)
 
         def step(block: BlockInput) -> Reduction | None:
             batch, n_tokens, width = block.x.shape
-            r = min(config.r, n_tokens - MIN_TOKENS, (n_tokens - num_prefix) // 2)
+            r = min(self.r, n_tokens - MIN_TOKENS, (n_tokens - num_prefix) // 2)
             if block.index not in blocks or r <= 0:
                 return None
             layer = model.blocks[block.index]
             attention = head_probabilities(layer.attn, layer.norm1(block.x),
-                                           block.size if config.prop_attn else None).float()
+                                           block.size if self.prop_attn else None).float()
             received = attention.mean(dim=(1, 2))  # (B, N): the attention each token receives
             size = torch.ones_like(received[..., None]) if block.size is None else block.size.float()
             a_pos, b_pos, a_prefix, b_prefix = alternate_split(batch, n_tokens, num_prefix, block.x.device)
             a_pos, b_pos = a_pos[:, a_prefix:], b_pos[:, b_prefix:]  # prefix tokens are neither fused nor fused into
-            scores = multi_criteria_scores(block.x, received, size[..., 0], a_pos, b_pos, config)
-            merge_sum = bidirectional_merge(scores, a_pos, b_pos, r, num_prefix, config.bidirectional)
-            weight = received[..., None] * size if config.attention_weighted else size
+            scores = multi_criteria_scores(block.x, received, size[..., 0], a_pos, b_pos, self)
+            merge_sum = bidirectional_merge(scores, a_pos, b_pos, r, num_prefix, self.bidirectional)
+            weight = received[..., None] * size if self.attention_weighted else size
             x, _ = merge_weighted(merge_sum, block.x, weight)
             kept, qk_width = n_tokens - r, 2 * layer.attn.num_heads * layer.attn.head_dim
             # The one-step-ahead attention on all N tokens (norm1, q and k, q k^T) and the similarities, less
             # the q, k and q k^T of the N - r fused tokens, which the block's count holds but nothing computes.
             ahead = 5 * n_tokens * width + qk_width * width * n_tokens + qk_width // 2 * n_tokens ** 2
             saved = qk_width * width * kept + qk_width // 2 * kept ** 2
-            similarity = a_pos.shape[1] * b_pos.shape[1] * width if config.tau_sim else 0
+            similarity = a_pos.shape[1] * b_pos.shape[1] * width if self.tau_sim else 0
             macs = ahead - saved + similarity
             return Reduction(x, merge_sum(size), merge_sum, macs, fused_attention(merge_sum, attention, weight))
 
@@ -110,12 +101,13 @@ def multi_criteria_scores(tokens: "Tensor", received: "Tensor", size: "Tensor", 
         per_token = per_token / per_token.amax(dim=1, keepdim=True)
         return (per_token.gather(1, a_pos)[:, :, None] * per_token.gather(1, b_pos)[:, None, :]) ** (1.0 / tau)
 
-    scores = torch.ones(a_pos.shape[0], a_pos.shape[1], b_pos.shape[1], device=tokens.device)
     if config.tau_sim:
         unit = F.normalize(tokens.float(), dim=-1)
         a = unit.gather(1, a_pos[..., None].expand(-1, -1, unit.shape[-1]))
         b = unit.gather(1, b_pos[..., None].expand(-1, -1, unit.shape[-1]))
         scores = ((a @ b.transpose(1, 2) + 1.0) / 2.0) ** (1.0 / config.tau_sim)
+    else:
+        scores = torch.ones(a_pos.shape[0], a_pos.shape[1], b_pos.shape[1], device=tokens.device)
     if config.tau_info:
         scores = scores * pairs(1.0 / received, config.tau_info)
     if config.tau_size:
@@ -138,14 +130,14 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
     to_b, to_a = (r // 2, r - r // 2) if bidirectional else (r, 0)
     best, best_b = scores.max(dim=-1)
     ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
-    a_left = torch.sort(ranked[:, to_b:], dim=1).values
-    moves = [(a_pos.gather(1, ranked[:, :to_b]), b_pos.gather(1, best_b.gather(1, ranked[:, :to_b])))]
+    src, a_left = ranked[:, :to_b], torch.sort(ranked[:, to_b:], dim=1).values
+    moves = [(a_pos.gather(1, src), b_pos.gather(1, best_b.gather(1, src)))]  # (sources, destinations) by position
     b_left = b_pos
     if bidirectional:
         best, best_a = scores.gather(1, a_left[..., None].expand(-1, -1, scores.shape[-1])).max(dim=1)
         ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
-        moves.append((b_pos.gather(1, ranked[:, :to_a]), a_pos.gather(1, a_left.gather(1, best_a.gather(1, ranked[:, :to_a])))))
-        b_left = b_pos.gather(1, ranked[:, to_a:])
+        src, b_left = ranked[:, :to_a], b_pos.gather(1, ranked[:, to_a:])
+        moves.append((b_pos.gather(1, src), a_pos.gather(1, a_left.gather(1, best_a.gather(1, src)))))
     prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], -1)
     keep = torch.cat([prefix, a_pos.gather(1, a_left), b_left], dim=1)
 
