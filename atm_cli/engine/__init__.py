@@ -6,7 +6,8 @@ registry import without torch; the names that need it load on first use.
 """
 from importlib import import_module
 
-from .methods import (METHODS, ATMConfig, MethodConfig, PiToMeConfig, ToMeConfig, ZeroTPruneConfig, method_class,
+from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, PiToMeConfig, ToMeConfig,
+                      ZeroTPruneConfig, method_class,
                       method_config, resolve_split_layer, threshold_schedule, tome_schedule)
 
 _LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching"}
@@ -18,5 +19,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "ZeroTPruneConfig", "PiToMeConfig", "MethodConfig", "method_class",
+__all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "ZeroTPruneConfig", "PiToMeConfig",
+           "MethodConfig", "method_class",
            "method_config", "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]

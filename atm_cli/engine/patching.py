@@ -116,16 +116,20 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
     source = torch.eye(n_tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1) if state.trace_source else None
     tokens, steps = [n_tokens], []
     for index, block in enumerate(model.blocks):
+        before, reduction = index in plan.before_attention, None
+        if before:  # the step merges the block's input, and may hand the attention its probabilities
+            reduction = reduce_in_float32(plan, BlockInput(index, x, size, x, None))
+            x, size, source = _apply(reduction, x, size, source)
         y, metric, attention = attention_with_sizes(block.attn, block.norm1(x), size if prop_attn else None,
                                                     with_probabilities=index in plan.attention_blocks,
-                                                    per_head=plan.per_head_attention)
+                                                    per_head=plan.per_head_attention,
+                                                    probabilities=None if reduction is None else reduction.attention)
         x = x + block.drop_path1(block.ls1(y))
         n_in = x.shape[1]
-        reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))
-        step_macs = 0
-        if reduction is not None:
-            x, size, step_macs = reduction.x, reduction.size, reduction.extra_macs
-            source = None if source is None else reduction.combine(source)
+        if not before:
+            reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))
+            x, size, source = _apply(reduction, x, size, source)
+        step_macs = 0 if reduction is None else reduction.extra_macs
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         steps.append(BlockStep(n_in, x.shape[1], step_macs))
         tokens.append(x.shape[1])
@@ -150,6 +154,13 @@ def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
         return plan.step(block)
     with torch.autocast(device_type, enabled=False):
         return plan.step(block)
+
+
+def _apply(reduction: Reduction | None, x: Tensor, size: Tensor | None,
+           source: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if reduction is None:
+        return x, size, source
+    return reduction.x, reduction.size, None if source is None else reduction.combine(source)
 
 
 def _pool_merged(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:

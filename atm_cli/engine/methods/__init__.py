@@ -9,11 +9,13 @@ from typing import Any
 
 from .atm import ATMConfig, resolve_split_layer, threshold_schedule
 from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction
+from .evit import EViTConfig
+from .mctf import MCTFConfig
 from .pitome import PiToMeConfig
 from .tome import ToMeConfig, tome_schedule
 from .zero_tprune import ZeroTPruneConfig
 
-_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, ZeroTPruneConfig, PiToMeConfig)
+_ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, EViTConfig, MCTFConfig, ZeroTPruneConfig, PiToMeConfig)
 METHODS: dict[str, type[MethodConfig]] = {cls.NAME: cls for cls in _ALL}
 
 
@@ -30,5 +32,5 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 __all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction",
-           "ATMConfig", "ToMeConfig", "ZeroTPruneConfig", "PiToMeConfig",
+           "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "ZeroTPruneConfig", "PiToMeConfig",
            "threshold_schedule", "tome_schedule", "resolve_split_layer"]

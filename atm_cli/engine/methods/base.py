@@ -141,9 +141,19 @@ class MethodConfig:
         raise NotImplementedError
 
 
+def block_indices(method: str, blocks, depth: int) -> frozenset[int]:
+    """A method's 0-based `blocks` (an int or ints) as a set, refusing any beyond a `depth`-block model."""
+    indices = frozenset((blocks,) if isinstance(blocks, int) else blocks)
+    beyond = sorted(b for b in indices if b >= depth)
+    if beyond:
+        raise ValueError(f"{method} block {beyond[0]} does not exist in a {depth}-block model (blocks count from 0)")
+    return indices
+
+
 @dataclass
 class BlockInput:
-    """What a block's reduction step sees, between the block's attention and its MLP."""
+    """What a block's reduction step sees, between the block's attention and its MLP (or, in the plan's
+    `before_attention` blocks, before the attention: then `x` is the block's input and `metric` is `x`)."""
 
     index: int  # 0-based block index
     x: "Tensor"  # (B, N, C) the residual stream after attention
@@ -160,6 +170,8 @@ class Reduction:
     size: "Tensor | None"  # None: every size is still 1
     combine: Callable[["Tensor"], "Tensor"]  # e.g. source maps (B, N, N_0) -> (B, N', N_0)
     extra_macs: int = 0  # the step's own multiply-adds per image (similarities, scores), for GFLOPs
+    # Before the attention only: (B, H, N', N') probabilities the block's attention uses instead of its own.
+    attention: "Tensor | None" = None
 
 
 @dataclass
@@ -170,3 +182,4 @@ class Plan:
     attention_blocks: frozenset[int] = frozenset()
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
     per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean
+    before_attention: frozenset[int] = frozenset()  # blocks whose step runs before the attention (MCTF)
