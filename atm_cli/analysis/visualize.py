@@ -152,9 +152,12 @@ def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: Metho
 
 
 def method_label(config: MethodConfig) -> str:
-    if isinstance(config, ToMeConfig):
-        return f"ToMe r={config.r}"
-    return "ATM"
+    """ATM by name (its thresholds adapt per image); another method by name and its knob's value."""
+    if isinstance(config, ATMConfig):
+        return "ATM"
+    knob = type(config).knob(depth=1, image_tokens=2)
+    value = "" if knob is None else f" {knob.param}={getattr(config, knob.param)}"
+    return f"{config.NAME}{value}"
 
 
 def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MethodConfig, out: str | Path,
