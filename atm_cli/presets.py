@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .engine import METHODS, MethodConfig, method_config
 from .errors import UsageError
 from .models import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+
+if TYPE_CHECKING:
+    from .evaluation.outcomes import Outcomes
 
 SCHEMA_VERSION = 1
 
@@ -48,6 +51,18 @@ class Measured:
     data: str | None = None  # where the images came from
     data_limit: int | None = None  # the class-balanced --limit subset, if one was used
     data_fingerprint: str | None = None  # paths, sizes and class mapping of those images
+    agreement: float | None = None  # percent of images keeping the unmerged model's top-1 class
+
+    @classmethod
+    def of(cls, merged: Outcomes, unmerged: Outcomes, data: str, data_fingerprint: str,
+           data_limit: int | None = None, labelled: bool = True) -> Measured:
+        """The section from the measurement records of the setting and the unmerged model on the same images."""
+        from .evaluation.outcomes import agreement
+
+        return cls(gflops=merged.gflops, top1=merged.top1 if labelled else None,
+                   top5=merged.top5 if labelled else None, baseline_top1=unmerged.top1 if labelled else None,
+                   baseline_gflops=unmerged.gflops, n_images=merged.n_images, data=data, data_limit=data_limit,
+                   data_fingerprint=data_fingerprint, agreement=agreement(merged, unmerged))
 
 
 @dataclass
@@ -65,6 +80,7 @@ class Provenance:
     tuning_data_fingerprint: str | None = None
     tuning_top1: float | None = None
     tuning_gflops: float | None = None
+    search_space: dict[str, Any] | None = None  # the ranges searched and where they came from
 
 
 @dataclass
