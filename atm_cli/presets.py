@@ -52,6 +52,7 @@ class Measured:
     data_limit: int | None = None  # the class-balanced --limit subset, if one was used
     data_fingerprint: str | None = None  # paths, sizes and class mapping of those images
     agreement: float | None = None  # percent of images keeping the unmerged model's top-1 class
+    baseline_top5: float | None = None
 
     @classmethod
     def of(cls, merged: Outcomes, unmerged: Outcomes, data: str, data_fingerprint: str,
@@ -62,7 +63,8 @@ class Measured:
         return cls(gflops=merged.gflops, top1=merged.top1 if labelled else None,
                    top5=merged.top5 if labelled else None, baseline_top1=unmerged.top1 if labelled else None,
                    baseline_gflops=unmerged.gflops, n_images=merged.n_images, data=data, data_limit=data_limit,
-                   data_fingerprint=data_fingerprint, agreement=agreement(merged, unmerged))
+                   data_fingerprint=data_fingerprint, agreement=agreement(merged, unmerged),
+                   baseline_top5=unmerged.top5 if labelled else None)
 
 
 @dataclass

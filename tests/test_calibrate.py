@@ -17,11 +17,15 @@ from PIL import Image
 from timm.models import save_for_hf
 from typer.testing import CliRunner
 
-from atm_cli.calibration import (BatchOutcome, BudgetGoal, NoDropGoal, Search, SearchSpace, Tally, calibrate,
+from atm_cli.calibration import (BudgetGoal, NoDropGoal, RangeFlags, Search, SearchSpace, calibrate,
                                  reachable_gflops)
 from atm_cli.calibration.calibrate import CalibrationRequest
-from atm_cli.calibration.search import GFLOPS_SLACK, _trails, check_budget, setting_key
+from atm_cli.calibration.goals import trails
+from atm_cli.calibration.search import GFLOPS_SLACK
+from atm_cli.calibration.seeding import check_budget
 from atm_cli.calibration.study import open_storage, open_study
+from atm_cli.calibration.trials import setting_key
+from atm_cli.evaluation import BatchOutcome, Outcomes
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
@@ -66,7 +70,9 @@ class HandBuilt:
     def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
         self.images_run += self.sizes[index]
         correct = self.correct(config, index)
-        return BatchOutcome(correct=correct, correct5=int(correct.sum()), gflops=self.gflops(config, index))
+        # Every image's label is class 0; a wrong image predicts class 1.
+        return BatchOutcome(correct=correct, predictions=(~correct).astype(np.int64), correct5=int(correct.sum()),
+                            gflops=self.gflops(config, index), tokens=(1,) * self.depth)
 
     def full(self, config: ATMConfig | None) -> tuple[float, float]:
         """Top-1 and GFLOPs of a setting on every image, computed directly (not through the search)."""
@@ -75,17 +81,16 @@ class HandBuilt:
         return 100.0 * right / sum(self.sizes), gflops
 
 
-def reference_of(source: HandBuilt) -> Tally:
-    tally = Tally()
-    for index in range(source.n_batches):
-        tally.add(source.run(None, index))
+def reference_of(source: HandBuilt) -> Outcomes:
+    outcomes = Outcomes([source.run(None, index) for index in range(source.n_batches)])
     source.images_run = 0
-    return tally
+    return outcomes
 
 
-def run_search(source, goal, n_trials=24, storage=None, study_name=None, seed=0, known_good=(), setup=None):
+def run_search(source, goal, n_trials=24, storage=None, study_name=None, seed=0, known_good=(), setup=None,
+               rule="argmax", space=SearchSpace()):
     """The search, its study and its result, on the hand-built stand-in."""
-    search = Search(source, reference_of(source), goal, SearchSpace(), probe_batches=1)
+    search = Search(source, reference_of(source), goal, space, probe_batches=1, rule=rule)
     study = open_study(storage, study_name, goal, setup or {}, seed, n_trials)
     return search, study, search.run(study, n_trials, known_good=known_good)
 
@@ -109,8 +114,9 @@ def test_budget_is_a_constraint_every_feasible_trial_meets():
     assert result.best.number == best.number and result.gflops <= target
     # The budget is an Optuna constraint on each trial; the value stays the plain top-1 (no penalty).
     for frozen in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        assert frozen.constraints["goal"] == pytest.approx(frozen.user_attrs["gflops"] - target)
-        assert frozen.value == frozen.user_attrs["top1"]
+        top1, gflops = source.full(config_of(frozen.params))
+        assert frozen.constraints["goal"] == pytest.approx(gflops - target)
+        assert frozen.value == pytest.approx(top1)
 
 
 def test_no_drop_respects_the_floor_and_certain_failures_really_fail():
@@ -168,7 +174,7 @@ def test_a_trial_is_stopped_when_its_chance_of_finishing_level_is_below_phi_of_m
             reference[:lost] = True
             correct[lost:lost + won] = True
             chance = chance_of_finishing_level(seen, remaining, won, lost, rng)
-            stopped = _trails(correct, reference, remaining, z)[2]
+            stopped = trails(correct, reference, remaining, z)[2]
             if abs(chance - threshold) > 0.01:  # the normal model's error, and the simulation's
                 assert stopped == (chance < threshold), (differ, behind, chance)
 
@@ -211,7 +217,7 @@ def test_gflops_estimate_scales_by_complete_trials_batch_profiles():
     source = HandBuilt()
     search, study, _ = run_search(source, BudgetGoal(0.7), n_trials=12)
     config = ATMConfig(alpha=0.95, beta=0.05, theta_min=0.8)
-    tally = Tally([source.run(config, 0)])
+    tally = Outcomes([source.run(config, 0)])
     true = source.full(config)[1]
     mean_factor = np.dot(source.sizes, source.batch_factor) / sum(source.sizes)
     assert tally.gflops / true == pytest.approx(source.batch_factor[0] / mean_factor)  # one batch alone is off
@@ -336,7 +342,7 @@ def test_forward_passes_match_a_count_of_the_model_own_calls(tiny, monkeypatch):
 
     monkeypatch.setattr(workflow, "load_model", load_and_count)
     request = CalibrationRequest(model=str(tiny["model"]), data=tiny["data"], eval_data=tiny["eval"],
-                                 target_reduction=20, n_trials=8, batch_size=8, space=SearchSpace(
+                                 target_reduction=20, n_trials=8, batch_size=8, ranges=RangeFlags(
                                      alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01))
     report = calibrate(request)
     assert report.forward_passes + report.report_forward_passes == sum(counted)
@@ -395,8 +401,9 @@ def test_an_interrupted_search_resumes_with_its_trials(tiny, tmp_path):
     every = optuna.load_study(study_name="resume", storage=storage).get_trials()
     assert len(every) - len(after) <= 1  # at most the trial in flight was lost
     new = [t for t in finished(storage, "resume") if t.number not in before]
-    # The range check's two first batches and the new trials; the unmerged model's results came from the study.
-    assert result["forward_passes"] == 2 * 8 + sum(t.user_attrs["images"] for t in new)
+    # The range check's two first batches and the new trials' own images (a repeated setting's are read back);
+    # the unmerged model's results came from the study, the flags gave every range (none measured), no seeding.
+    assert result["forward_passes"] == 2 * 8 + sum(t.user_attrs["images_run"] for t in new)
 
 
 def test_two_processes_search_one_study_together(tiny, tmp_path):

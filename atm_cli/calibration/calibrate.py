@@ -177,7 +177,7 @@ class CalibrationReport:
             "goal": self.result.goal.describe(),
             "params": self.config.to_params(),
             "top1": r.top1, "top5": r.top5, "gflops": r.gflops, "agreement": r.agreement,
-            "baseline_top1": r.baseline_top1, "baseline_gflops": r.baseline_gflops,
+            "baseline_top1": r.baseline_top1, "baseline_top5": r.baseline_top5, "baseline_gflops": r.baseline_gflops,
             "gflops_reduction": 100.0 * (1.0 - r.gflops / r.baseline_gflops),
             "n_images": r.n_images, "data": r.data, "batch_size": self.request.batch_size,
             "shared_images": self.shared_images,
@@ -225,7 +225,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     source = ModelBatches(loaded, preload(images, request.batch_size, request.workers, loaded.device))
     stage("measuring the search ranges")
     space = request.ranges.resolve(source)
-    forward_passes = 0 if request.ranges.paper else len(source.batches[0][1])
+    forward_passes = len(source.batches[0][1]) if request.ranges.measures else 0
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
              "batch_size": request.batch_size, "goal": goal.describe(), "space": space.to_dict()}
     study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)

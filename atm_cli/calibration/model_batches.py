@@ -49,9 +49,14 @@ class RangeFlags:
     split_layer: int | None = None
     search_split_layer: bool = False
 
+    @property
+    def measures(self) -> bool:
+        """Whether the ranges come from a pass of the unmerged model (not the paper's, nor all given by flags)."""
+        return not self.paper and None in (self.alpha, self.beta, self.theta_min, self.step)
+
     def resolve(self, source: ModelBatches) -> SearchSpace:
         """The space for this model: validated here, once (the boundary every search goes through)."""
-        if self.paper:
+        if not self.measures:
             base = SearchSpace(split_layer=self.split_layer, search_split_layer=self.search_split_layer)
         else:
             images = source.batches[0][0]

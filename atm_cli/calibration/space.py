@@ -125,9 +125,11 @@ class SearchSpace:
                  if value is not None}
         if not given and step is None:
             return self
-        flags = ", ".join(f"--{name.replace('_', '-')}-range" for name in given) + (", --step" if step else "")
+        flags = (", ".join(f"--{name.replace('_', '-')}-range" for name in given) + (", --step" if step else "")).lstrip(", ")
+        everything = len(given) == 3 and step is not None
         return replace(self, **given, **({"step": step, "beta_step": step} if step else {}),
-                       origin=f"{self.origin}; {flags.lstrip(', ')} from the command line")
+                       origin=f"{flags} from the command line" if everything else
+                       f"{self.origin}; {flags} from the command line")
 
     def to_dict(self) -> dict:
         return asdict(self)
