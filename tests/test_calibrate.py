@@ -22,7 +22,8 @@ from atm_cli.calibration import (BudgetGoal, NoDropGoal, RangeFlags, Search, Sea
 from atm_cli.calibration.calibrate import CalibrationRequest
 from atm_cli.calibration.goals import trails
 from atm_cli.calibration.search import GFLOPS_SLACK
-from atm_cli.calibration.seeding import check_budget
+from atm_cli.calibration.calibrate import seed_constant
+from atm_cli.calibration.seeding import check_budget, constant_for_budget
 from atm_cli.calibration.study import open_storage, open_study
 from atm_cli.calibration.trials import setting_key
 from atm_cli.evaluation import BatchOutcome, Outcomes
@@ -423,3 +424,63 @@ def test_two_processes_search_one_study_together(tiny, tmp_path):
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
     results = [json.loads(out), json.loads(here.stdout)]
     assert sum(r["trials_run"] for r in results) == len(trials)
+
+
+# A space whose constants (beta = 0, alpha = theta_min = t) the stand-in can tell apart.
+WIDE_SPACE = SearchSpace(alpha=(0.8, 1.0), beta=(0.0, 0.05), theta_min=(0.8, 1.0), step=0.005, beta_step=0.005)
+
+
+def test_the_budget_constant_is_the_least_merging_one_within_the_budget_on_the_first_batch():
+    source = HandBuilt()
+    constant, images = constant_for_budget(source, WIDE_SPACE, 0.7, n_batches=1)
+    t = constant.alpha
+    assert (constant.beta, constant.theta_min) == (0.0, t)
+    assert source.gflops(constant, 0) <= 0.7 < source.gflops(ATMConfig.constant(round(t + 0.005, 6)), 0)
+    assert images == source.images_run <= 10 * source.sizes[0]  # bisection over 41 constants: a few batches
+
+
+@pytest.mark.parametrize("goal", [BudgetGoal(0.7), NoDropGoal(0.5)])
+def test_atm_is_never_worse_than_the_constant_threshold_it_was_seeded_with(goal):
+    source = HandBuilt()
+    search = Search(source, reference_of(source), goal, WIDE_SPACE, probe_batches=1, rule="argmax")
+    study = open_study(None, None, goal, {}, 0, 12)
+    constant = seed_constant(search, study, 12)
+    assert constant is not None and constant.beta == 0.0
+    result = search.run(study, 12)
+    top1, gflops = source.full(constant)  # the constant's figures, from the stand-in's formulas
+    if isinstance(goal, BudgetGoal):
+        assert result.top1 >= top1 and result.gflops <= 0.7
+    else:
+        assert top1 >= reference_of(source).top1 - 0.5  # the constant found meets the floor ...
+        assert result.gflops <= gflops  # ... and ATM is at least as cheap
+        more = ATMConfig.constant(round(constant.alpha - 0.005 * (len(WIDE_SPACE.constants(12)) // 32), 6))
+        assert source.full(more)[0] < reference_of(source).top1 - 0.5  # the next constant of its ladder fails
+
+
+def test_a_budget_search_spends_its_budget_unless_a_cheaper_setting_wins_by_more_than_chance():
+    source = HandBuilt()
+    target = 0.7
+    _, _, result = run_search(source, BudgetGoal(target), n_trials=30, rule="paired", space=WIDE_SPACE)
+    complete = [t for t in result.trials if t.state == "complete" and t.gflops <= target]
+    chosen = result.best
+    closer = [t for t in complete if t.gflops >= 0.9 * target]
+    if chosen.gflops < 0.9 * target:  # then every closer trial is beaten by more than chance (a paired count)
+        for trial in closer:
+            ahead = int(chosen.outcomes.correct.sum()) - int(trial.outcomes.correct.sum())
+            differ = int((chosen.outcomes.correct != trial.outcomes.correct).sum())
+            assert ahead > 1.645 * differ ** 0.5
+    # The choice is tied with the plain best (not beaten by more than chance), and spends more of the budget.
+    best = result.argmax
+    ahead = int(best.outcomes.correct.sum()) - int(chosen.outcomes.correct.sum())
+    assert ahead <= 1.645 * int((best.outcomes.correct != chosen.outcomes.correct).sum()) ** 0.5
+    assert chosen.gflops >= best.gflops
+
+
+def test_a_resumed_study_with_every_trial_done_reports_true_counts(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'calib.db'}"
+    _, _, first = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=6, storage=open_storage(storage), study_name="s")
+    again = HandBuilt()
+    _, _, second = run_search(again, BudgetGoal(0.7), n_trials=6, storage=open_storage(storage), study_name="s")
+    assert second.trials_run == 0 and second.forward_passes == again.images_run == 0
+    assert second.naive_forward_passes == first.naive_forward_passes == 2 * 6 * 600
+    assert second.study_forward_passes == first.study_forward_passes == first.forward_passes + 600

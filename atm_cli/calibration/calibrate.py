@@ -24,24 +24,34 @@ from .study import open_storage, open_study
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
 PROBE_BATCHES = 1  # batches a trial runs before its GFLOPs are checked against the goal
+SEED_TRIES = 3  # constants tried for a budget before the search goes on without one
 SPEND = 0.9  # a budget search's choice should use at least this share of the budget (else it says why)
 
 
 def seed_constant(search: Search, study: optuna.Study, n_trials: int,
                   on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
-    """The constant threshold that meets the goal (see `seeding`), run as a trial or enqueued (images run
-    outside trials to find it count in `search.forward_passes`). Only a fresh study is seeded: a resumed
-    one already ran its seeds."""
+    """The constant threshold that meets the goal (see `seeding`), run as the study's first trials (images run
+    outside trials to find it count in `search.forward_passes`); None when none did. Only a fresh study is
+    seeded: a resumed one already ran its seeds.
+
+    For a budget, a constant chosen on the first batches may exceed the budget on the whole set
+    (batches differ in GFLOPs); the next try aims lower by the ratio that trial showed.
+    """
     if study.get_trials(deepcopy=False):
         return None
-    if isinstance(search.goal, BudgetGoal):
-        constant, images = constant_for_budget(search.source, search.space, search.goal.target_gflops,
-                                               search.probe_batches)
+    if not isinstance(search.goal, BudgetGoal):
+        return constant_for_floor(search, study, n_trials, on_trial)
+    aim = search.goal.target_gflops
+    for _ in range(SEED_TRIES):
+        constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches)
         search.forward_passes += images
-        if constant is not None:
-            study.enqueue_trial(search.space.trial_params(constant, search.source.depth))
-        return constant
-    return constant_for_floor(search, study, n_trials, on_trial)
+        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial)
+        if trial is None or trial.state != "complete":
+            return None
+        if trial.feasible:
+            return constant
+        aim *= trial.outcomes.first(search.probe_batches).gflops / trial.gflops
+    return None
 
 
 def search_on(loaded: LoadedModel, batches: Batches, baseline: Outcomes, goal: Goal, space: SearchSpace,
