@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -381,6 +382,33 @@ def finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_trial_says_what_is_kept_in_one_line_and_the_same_command_resumes(tiny, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'calib.db'}"
+    flags = ["--storage", storage, "--study-name", "ctrl-c"]
+    first = cli_process(tiny, *flags, "--n-trials", "1000")
+    deadline = time.time() + 300
+    while len(finished(storage, "ctrl-c")) < 3 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: most likely in a trial's forward passes
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and out == ""
+    kept = finished(storage, "ctrl-c")
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"interrupted: {len(kept)} finished trials are kept in {storage}"), err
+    study = optuna.load_study(study_name="ctrl-c", storage=storage)
+    assert len(study.get_trials()) - len(kept) <= 1  # at most the trial in flight was lost
+
+    before = {t.number: (t.params, t.value, t.state) for t in kept}
+    second = cli_process(tiny, *flags, "--n-trials", str(len(kept) + 2))
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err
+    assert json.loads(out)["trials_run"] == 2
+    assert {n: v for n, v in ((t.number, (t.params, t.value, t.state)) for t in finished(storage, "ctrl-c"))
+            if n in before} == before
+
+
+@pytest.mark.slow
 def test_an_interrupted_search_resumes_with_its_trials(tiny, tmp_path):
     storage = f"sqlite:///{tmp_path / 'calib.db'}"
     first = cli_process(tiny, "--storage", storage, "--study-name", "resume", "--n-trials", "1000")
@@ -407,6 +435,7 @@ def test_an_interrupted_search_resumes_with_its_trials(tiny, tmp_path):
     assert result["forward_passes"] == 2 * 8 + sum(t.user_attrs["images_run"] for t in new)
 
 
+@pytest.mark.slow
 def test_two_processes_search_one_study_together(tiny, tmp_path):
     journal = str(tmp_path / "calib.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))

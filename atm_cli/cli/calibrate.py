@@ -100,7 +100,7 @@ def command(
         trials = interrupt.kept if isinstance(interrupt, SearchInterrupted) else 0
         kept = f"{trials} finished trials are kept in {storage} (study {study_name}); run the same command to " \
                "resume" if storage else "nothing was kept (no --storage)"
-        console.print(f"interrupted: {kept}", highlight=False)
+        console.print(f"interrupted: {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(options.INTERRUPTED_EXIT_CODE) from None
 
     result = report.to_dict()
