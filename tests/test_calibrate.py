@@ -27,7 +27,8 @@ from atm_cli.calibration.calibrate import seed_constant
 from atm_cli.calibration.seeding import check_budget, constant_for_budget
 from atm_cli.calibration.study import open_storage, open_study
 from atm_cli.calibration.trials import setting_key
-from atm_cli.evaluation import BatchOutcome, Outcomes
+from atm_cli.engine import merging
+from atm_cli.evaluation import BatchOutcome, Outcomes, load_model, load_unlabelled_images, preload
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
@@ -513,3 +514,26 @@ def test_a_resumed_study_with_every_trial_done_reports_true_counts(tmp_path):
     assert second.trials_run == 0 and second.forward_passes == again.images_run == 0
     assert second.naive_forward_passes == first.naive_forward_passes == 2 * 6 * 600
     assert second.study_forward_passes == first.study_forward_passes == first.forward_passes + 600
+
+
+def test_min_agreement_calibrates_on_unlabelled_images_at_any_depth(tiny, tmp_path):
+    unlabelled = tmp_path / "production"
+    for i, path in enumerate(sorted(tiny["data"].rglob("*.png"))):
+        target = unlabelled / ("deep/er" if i % 3 == 0 else "flat" if i % 3 == 1 else "") / f"{i:03d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    request = CalibrationRequest(model=str(tiny["model"]), data=unlabelled, min_agreement=90, n_trials=6,
+                                 batch_size=8, rule="argmax", ranges=RangeFlags(
+                                     alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01))
+    report = calibrate(request)
+    result = report.to_dict()
+    assert result["n_images"] == 36 and result["top1"] is None  # no labels: no top-1
+    # The agreement, checked on the model itself: the patched and the plain model's classes on the same images.
+    loaded = load_model(str(tiny["model"]), device="cpu")
+    images = torch.cat([x for x, _ in preload(load_unlabelled_images(unlabelled, loaded), 8)])
+    with torch.inference_mode():
+        plain = loaded.model(images).argmax(1)
+        with merging(loaded.model, report.config):
+            merged = loaded.model(images).argmax(1)
+    assert result["agreement"] == pytest.approx(100.0 * (plain == merged).float().mean().item())
+    assert result["agreement"] >= 90 and report.preset.measured.agreement == result["agreement"]

@@ -14,7 +14,7 @@ from atm_cli.analysis.stress import climb, ladders, largest_passing_step, requir
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
 from atm_cli.calibration import ModelBatches, RangeFlags
-from atm_cli.evaluation import DEMO_EVAL_DATA, BatchOutcome, Outcomes, load_image_folder, load_model, preload
+from atm_cli.evaluation import DEMO_EVAL_DATA, BatchOutcome, Outcomes, load_image_folder, load_model, preload, run_batches
 from atm_cli.models import DEMO_WEIGHTS
 
 LIMIT, BATCH = 32, 16
@@ -124,7 +124,8 @@ def test_an_interrupted_stress_test_or_comparison_keeps_what_it_finished(demo, b
                       keep_partial=True)
     assert partial.interrupted and [p.budget for p in partial.points] == [0.8]
     assert partial.point("tome", 0.6) is None
-    assert partial.point("tome", 0.8).to_dict() == compare(demo, batches, methods=["tome"], budgets=[0.8]).points[0].to_dict()
+    whole = compare(demo, batches, methods=["tome"], budgets=[0.8])
+    assert partial.point("tome", 0.8).to_dict(partial.baseline) == whole.points[0].to_dict(whole.baseline)
 
 
 def test_stress_cli_json(demo):
@@ -135,7 +136,7 @@ def test_stress_cli_json(demo):
     assert set(report) >= {"baseline_top1", "baseline_gflops", "methods"}
     assert [m["method"] for m in report["methods"]] == ["atm", "tome"]
     for method in report["methods"]:
-        assert set(method) >= {"method", "top1", "gflops", "params"}
+        assert set(method) >= {"method", "passed", "top1", "gflops", "agreement", "params"}
         assert method["gflops"] <= report["baseline_gflops"]
         assert method["top1"] >= report["baseline_top1"] - 5
 
@@ -182,8 +183,8 @@ def test_a_method_with_no_passing_setting_says_so_and_shows_no_figures(demo, bat
     impossible = sum(len(labels) for _, labels in batches) + 1  # more correct images than there are
     result = climb(demo, batches, ladders(demo, space)["tome"], impossible, lookahead=0)
     assert not result.passed and result.trials and not any(t.passed for t in result.trials)
-    shown = result.to_dict(demo.unmerged_gflops)
-    assert shown["passed"] is False and shown["top1"] is None and shown["gflops"] is None
+    shown = result.to_dict(run_batches(demo, batches))
+    assert shown["passed"] is False and shown["top1"] is None and shown["gflops"] is None and shown["agreement"] is None
 
 
 def test_the_measured_range_spans_from_no_merging_to_far_below_any_budget(demo, batches):

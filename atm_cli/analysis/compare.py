@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..calibration import BudgetGoal, ModelBatches, RangeFlags, SearchSpace, reachable_gflops, search_on
 from ..errors import Interruptible, UsageError
-from ..evaluation import LoadedModel, Outcomes, describe_method, run_batches
+from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 from .plotting import pyplot, save_figure
 from .stress import METHODS, Batches, Ladder, check_methods, ladders
 
@@ -43,22 +43,36 @@ class ComparePoint:
     def gflops(self) -> float | None:
         return self.chosen.gflops if self.chosen else None
 
-    def to_dict(self) -> dict:
+    def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,
-                "passed": self.passed, "top1": self.top1, "gflops": self.gflops, "params": self.params}
+                "passed": self.passed, "top1": self.top1, "gflops": self.gflops,
+                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params}
 
 
 @dataclass
 class CompareReport:
-    baseline_top1: float
-    baseline_gflops: float
-    n_images: int
-    batch_size: int
+    baseline: Outcomes
     methods: list[str]
     budgets: list[float]
     points: list[ComparePoint]
     space: SearchSpace  # ATM's search space and the constant threshold's grid
     interrupted: bool = False  # stopped early: `points` holds those finished before the interrupt
+
+    @property
+    def baseline_top1(self) -> float:
+        return self.baseline.top1
+
+    @property
+    def baseline_gflops(self) -> float:
+        return self.baseline.gflops
+
+    @property
+    def n_images(self) -> int:
+        return self.baseline.n_images
+
+    @property
+    def batch_size(self) -> int:
+        return self.baseline.batch_sizes[0]
 
     def point(self, method: str, budget: float) -> ComparePoint | None:
         """The method's point at the budget (None: not reached before an interrupt)."""
@@ -67,7 +81,7 @@ class CompareReport:
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "n_images": self.n_images, "batch_size": self.batch_size, "methods": self.methods,
-                "budgets": self.budgets, "points": [p.to_dict() for p in self.points],
+                "budgets": self.budgets, "points": [p.to_dict(self.baseline) for p in self.points],
                 "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
@@ -130,8 +144,7 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
                 if progress is not None:
                     progress(len(points), total)
     ordered = [points[m, b] for m in methods for b in budgets if (m, b) in points]
-    return CompareReport(baseline.top1, baseline.gflops, baseline.n_images, baseline.batch_sizes[0], list(methods),
-                         list(budgets), ordered, space, stop.interrupted)
+    return CompareReport(baseline, list(methods), list(budgets), ordered, space, stop.interrupted)
 
 
 def ladder_within(loaded: LoadedModel, batches: Batches, ladder: Ladder, budget: float,

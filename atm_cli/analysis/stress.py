@@ -24,7 +24,7 @@ from ..calibration import ModelBatches, NoDropGoal, RangeFlags, SearchSpace, sea
 from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
-from ..evaluation import LoadedModel, Outcomes, describe_method, run_batches
+from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 Progress = Callable[[int, int], None]
@@ -121,28 +121,42 @@ class MethodResult:
     def gflops(self) -> float | None:
         return self.chosen.gflops if self.chosen else None
 
-    def to_dict(self, baseline_gflops: float) -> dict:
-        change = 100.0 * (self.gflops / baseline_gflops - 1.0) if self.passed else None
+    def to_dict(self, baseline: Outcomes) -> dict:
+        change = 100.0 * (self.gflops / baseline.gflops - 1.0) if self.passed else None
         return {"method": self.method, "description": self.description, "passed": self.passed, "top1": self.top1,
-                "gflops": self.gflops, "gflops_change": change, "params": self.params,
+                "gflops": self.gflops, "gflops_change": change,
+                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params,
                 "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
 
 
 @dataclass
 class StressReport:
-    baseline_top1: float
-    baseline_gflops: float
+    baseline: Outcomes
     tolerance: float
-    n_images: int
-    batch_size: int
     methods: list[MethodResult]
     space: SearchSpace  # ATM's search space and the constant threshold's grid
     interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
 
+    @property
+    def baseline_top1(self) -> float:
+        return self.baseline.top1
+
+    @property
+    def baseline_gflops(self) -> float:
+        return self.baseline.gflops
+
+    @property
+    def n_images(self) -> int:
+        return self.baseline.n_images
+
+    @property
+    def batch_size(self) -> int:
+        return self.baseline.batch_sizes[0]
+
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
-                "methods": [result.to_dict(self.baseline_gflops) for result in self.methods],
+                "methods": [result.to_dict(self.baseline) for result in self.methods],
                 "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
@@ -251,8 +265,8 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
                 results[name] = climb(loaded, batches, known[name], needed, lookahead)
             if progress is not None:
                 progress(len(results), len(methods))
-    return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0],
-                        [results[name] for name in methods if name in results], space, stop.interrupted)
+    return StressReport(baseline, tolerance, [results[name] for name in methods if name in results], space,
+                        stop.interrupted)
 
 
 def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: Outcomes, tolerance: float, n_trials: int,

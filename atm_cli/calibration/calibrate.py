@@ -9,7 +9,7 @@ import optuna
 
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import LoadedModel, Outcomes, load_image_folder, load_model, preload
+from atm_cli.evaluation import LoadedModel, Outcomes, load_image_folder, load_model, load_unlabelled_images, preload
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
@@ -231,7 +231,10 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         check_budget(goal.target_gflops, loaded.unmerged_gflops)
 
     stage(f"loading images from {data}")
-    images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
+    if goal.label_free:  # any folder of images: labels, where there are any, are not read
+        images = load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
+    else:
+        images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
     source = ModelBatches(loaded, preload(images, request.batch_size, request.workers, loaded.device))
     stage("measuring the search ranges")
     space = request.ranges.resolve(source)
@@ -266,7 +269,8 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     forward_passes += result.forward_passes
     config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit)
+    tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
+                         images.labelled)
     reported, report_passes, shared = tuning, 0, True
     if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
         stage(f"measuring the best setting on {eval_data}")
@@ -299,6 +303,8 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
         reported,
         source="atm calibrate",
         description=f"{loaded.name}, atm calibrate ({goal.describe()}): {reported.gflops:.4g} GFLOPs "
-                    f"({-reduction:+.0f}%), {reported.top1:.2f}% top-1 on {reported.n_images} images",
+                    f"({-reduction:+.0f}%), " + (f"{reported.top1:.2f}% top-1" if reported.top1 is not None else
+                                                 f"{reported.agreement:.2f}% agreement") +
+                    f" on {reported.n_images} images",
         trials=trials, seed=request.seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
     )

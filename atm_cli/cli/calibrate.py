@@ -91,7 +91,8 @@ def command(
 
             def on_trial(event: TrialEvent) -> None:
                 best = event.best
-                text = f"best: {best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
+                scored = f"{best.top1:.2f}% top-1, " if best and min_agreement is None else ""
+                text = f"best: {scored}{best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
                 bar.update(task, description=f"trial {event.trial.number}", completed=event.done, best=text)
 
             report = calibrate(request, on_trial=on_trial,
@@ -121,15 +122,20 @@ def _table(report: CalibrationReport, result: dict) -> Table:
     split = params["split_layer"] if params.get("split_layer") is not None else "default"
     table.add_row("alpha / beta / theta_min", f"{params['alpha']:g} / {params['beta']:g} / {params['theta_min']:g}", "")
     table.add_row("split layer", str(split), "")
-    table.add_row(f"top-1 % ({r.n_images} images)", f"{r.top1:.2f}", f"{r.baseline_top1:.2f}")
+    table.add_row(f"top-1 % ({r.n_images} images)", _percent(r.top1), _percent(r.baseline_top1))
     table.add_row("agreement with unmerged top-1 %", f"{r.agreement:.2f}", "")
-    table.add_row("top-5 %", f"{r.top5:.2f}", f"{r.baseline_top5:.2f}")
+    table.add_row("top-5 %", _percent(r.top5), _percent(r.baseline_top5))
     table.add_row("GFLOPs / image", f"{r.gflops:.4g} ({-result['gflops_reduction']:+.1f}%)", f"{r.baseline_gflops:.4g}")
     if not report.shared_images:
         t = report.tuning
-        table.add_row(f"tuning top-1 % ({t.n_images} images)", f"{t.top1:.2f}", f"{t.baseline_top1:.2f}")
+        table.add_row(f"tuning top-1 % ({t.n_images} images)", _percent(t.top1), _percent(t.baseline_top1))
+        table.add_row("tuning agreement %", _percent(t.agreement), "")
         table.add_row("tuning GFLOPs / image", f"{t.gflops:.4g}", f"{t.baseline_gflops:.4g}")
     return table
+
+
+def _percent(value: Optional[float]) -> str:
+    return "no labels" if value is None else f"{value:.2f}"
 
 
 def _print_notes(console: Console, report: CalibrationReport, result: dict) -> None:
@@ -148,9 +154,9 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
                       highlight=False)
     chosen, argmax = report.result.best, report.result.argmax
     if argmax is not None and chosen.number != argmax.number:
-        console.print(f"chose trial {chosen.number} ({chosen.top1:.2f}%, {chosen.gflops:.4g} GFLOPs on the tuning "
-                      f"images) over the plain best, trial {argmax.number} ({argmax.top1:.2f}%, {argmax.gflops:.4g}): "
-                      "the paired test does not tell them apart", highlight=False)
+        console.print(f"chose trial {chosen.number} ({chosen.gflops:.4g} GFLOPs on the tuning images) over the plain "
+                      f"best on them, trial {argmax.number} ({argmax.gflops:.4g} GFLOPs): the paired test does not "
+                      "tell them apart", highlight=False)
     if report.budget_note:
         console.print(f"note: {report.budget_note}", highlight=False)
     if report.reachable_gflops:
