@@ -118,9 +118,17 @@ class Preset:
             "params": dict(self.params),
             "model": dataclasses.asdict(self.model),
             "batch_size": self.batch_size,
-            "measured": dataclasses.asdict(self.measured),
-            "provenance": dataclasses.asdict(self.provenance),
+            "measured": _written(self.measured),
+            "provenance": _written(self.provenance),
         }
+
+
+# Keys added to schema version 1 later: written only when they have a value, so older files read back unchanged.
+LATER_KEYS = frozenset({"agreement", "baseline_top5", "search_space"})
+
+
+def _written(section: Any) -> dict[str, Any]:
+    return {key: value for key, value in dataclasses.asdict(section).items() if value is not None or key not in LATER_KEYS}
 
 
 def canonical_model_name(name: str) -> str:

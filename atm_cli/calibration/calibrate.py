@@ -24,7 +24,7 @@ from .study import open_storage, open_study
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
 PROBE_BATCHES = 1  # batches a trial runs before its GFLOPs are checked against the goal
-SEED_TRIES = 3  # constants tried for a budget before the search goes on without one
+SEED_TRIES = 4  # constants tried for a budget before the search goes on without one
 SPEND = 0.9  # a budget search's choice should use at least this share of the budget (else it says why)
 
 
@@ -35,7 +35,8 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
     seeded: a resumed one already ran its seeds.
 
     For a budget, a constant chosen on the first batches may exceed the budget on the whole set
-    (batches differ in GFLOPs); the next try aims lower by the ratio that trial showed.
+    (batches differ in GFLOPs); the next try aims at the budget scaled by the ratio of the first
+    batches' GFLOPs to the whole set's that the last try showed.
     """
     if study.get_trials(deepcopy=False):
         return None
@@ -50,7 +51,7 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
             return None
         if trial.feasible:
             return constant
-        aim *= trial.outcomes.first(search.probe_batches).gflops / trial.gflops
+        aim = search.goal.target_gflops * trial.outcomes.first(search.probe_batches).gflops / trial.gflops
     return None
 
 
