@@ -46,7 +46,7 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
     for _ in range(SEED_TRIES):
         constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches)
         search.forward_passes += images
-        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial)
+        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
         if trial is None or trial.state != "complete":
             return None
         if trial.feasible:
@@ -56,18 +56,21 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
 
 
 def search_on(loaded: LoadedModel, batches: Batches, baseline: Outcomes, goal: Goal, space: SearchSpace,
-              n_trials: int = 30, seed: int | None = 0, known_good: Sequence[ATMConfig] = (), rule: str = "argmax",
+              n_trials: int = 30, seed: int | None = 0, seeds: Sequence[ATMConfig] = (), rule: str = "argmax",
               on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
     """A search kept in memory, on batches and an unmerged run the caller already has (stress, compare).
 
-    `known_good` settings run first; without them the study is seeded with the constant threshold
-    that meets the goal. `rule="argmax"` chooses on these images alone (they report on them).
+    `seeds` run first, each on every image (a pruned seed could not promise that the result is at
+    least as good); without them the study is seeded with the constant threshold that meets the goal.
+    `rule="argmax"` chooses on these images alone (they report on them).
     """
     search = Search(ModelBatches(loaded, batches), baseline, goal, space, PROBE_BATCHES, rule)
     study = open_study(None, None, goal, {}, seed, n_trials)
-    if not known_good:
+    for config in seeds:
+        search.try_setting(study, config, n_trials, on_trial, unpruned=True)
+    if not seeds:
         seed_constant(search, study, n_trials, on_trial)
-    return search.run(study, n_trials, None, known_good, on_trial)
+    return search.run(study, n_trials, None, (), on_trial)
 
 
 def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:

@@ -37,6 +37,7 @@ from .trials import (CONSTRAINT, FINISHED, REASON_ATTR, REPEATS_ATTR, SETTING_AT
 GFLOPS_SLACK = 0.01
 UNPROFILED_SLACK = 0.2
 FRESH_ATTR = "images_run"  # images a trial ran through the model (not read back from an earlier trial)
+UNPRUNED_ATTR = "unpruned"  # a seed: runs on every batch
 
 
 class BatchSource(Protocol):
@@ -175,6 +176,7 @@ class Search:
         if repeats is not None:
             trial.set_user_attr(REPEATS_ATTR, repeats)
         outcomes, fresh = Outcomes(), 0
+        unpruned = trial.user_attrs.get(UNPRUNED_ATTR, False)  # a seed runs to the end whatever its standing
         for index in range(self.source.n_batches):
             if index < len(known):
                 outcome = known[index]
@@ -186,6 +188,8 @@ class Search:
             trial.set_user_attr(FRESH_ATTR, fresh)
             if index + 1 == self.source.n_batches:
                 break
+            if unpruned:
+                continue
             estimate, slack = self.estimate_gflops(outcomes, ratios)
             standing = Standing(self.goal.hits(outcomes, self.reference), self.reference_hits, outcomes.gflops,
                                 estimate, slack, incumbent)
@@ -227,13 +231,14 @@ class Search:
             raise SearchInterrupted(len(study.get_trials(deepcopy=False, states=FINISHED))) from None
 
     def try_setting(self, study: optuna.Study, config: ATMConfig, n_trials: int,
-                    on_trial: Callable[[TrialEvent], None] | None = None) -> Finished | None:
-        """Run `config` as the study's next trial (None: outside the space, or the study is already full)."""
+                    on_trial: Callable[[TrialEvent], None] | None = None, unpruned: bool = False) -> Finished | None:
+        """Run `config` as the study's next trial (None: outside the space, or the study is already full);
+        `unpruned`: on every batch whatever its standing (a seed whose result the search must hold)."""
         params = self.space.trial_params(config, self.source.depth)
         if params is None:
             return None
         before = {t.number for t in study.get_trials(deepcopy=False)}
-        study.enqueue_trial(params)
+        study.enqueue_trial(params, user_attrs={UNPRUNED_ATTR: True} if unpruned else None)
         self.optimize(study, n_trials, on_trial=on_trial, most=1)
         ran = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.number not in before]
         return self.finished(ran[0]) if ran else None
