@@ -48,6 +48,13 @@ def ramp(peak: int, depth: int) -> list[int]:
     return [max(0, peak - (depth - 1) + block) for block in range(depth)]
 
 
+def knob_ladder(loaded: LoadedModel, cls: type[MethodConfig]) -> Ladder:
+    """A registered method's knob for this model, as a ladder."""
+    knob = cls.knob(len(loaded.model.blocks), loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens)
+    return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
+                  knob.top)
+
+
 def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
     """The ladders for this model's depth and token count, by method name: every registered method's
     knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules, the constant
@@ -57,13 +64,8 @@ def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
     half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
     grid = space.threshold_grid()
 
-    def from_knob(cls) -> Ladder:
-        knob = cls.knob(depth, image_tokens)
-        return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
-                      knob.top)
-
     return {
-        **{name: from_knob(cls) for name, cls in REGISTRY.items() if name != "atm"},
+        **{name: knob_ladder(loaded, cls) for name, cls in REGISTRY.items() if name != "atm"},
         "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
                                   lambda r: ToMeConfig(r=ramp(r, depth)),
                                   lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
