@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from atm_cli.calibration.goals import CHOICE_Z, AgreementGoal, BudgetGoal, NoDropGoal, beats
+from atm_cli.calibration.goals import AgreementGoal, BudgetGoal, NoDropGoal, beats
 from atm_cli.calibration.space import measured_space, nice_step
 from atm_cli.evaluation import BatchOutcome, Outcomes, agreement
 
