@@ -131,3 +131,14 @@ def test_measured_ranges_bracket_no_merging_and_heavy_merging_in_every_block():
                                                  (0.03, 50, 0.0005)])
 def test_nice_steps(width, points, step):
     assert nice_step(width, points) == step
+
+
+def test_range_flags_override_a_measured_space_and_say_so():
+    sims = [np.linspace(0.5, 1.0, 64 * 32)] * 4
+    measured = measured_space(sims, 64, 32, 4)
+    given = measured.overridden(theta_min=(0.6, 0.9))
+    assert given.theta_min == (0.6, 0.9) and given.alpha == measured.alpha and given.step == measured.step
+    assert given.origin.startswith("measured") and "--theta-min-range from the command line" in given.origin
+    everything = measured.overridden((0.5, 1.0), (0.0, 0.1), (0.3, 1.0), 0.01)
+    assert everything.origin == "--alpha-range, --beta-range, --theta-min-range, --step from the command line"
+    assert measured.overridden() is measured
