@@ -42,9 +42,9 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
         return None
     if not isinstance(search.goal, BudgetGoal):
         return constant_for_floor(search, study, n_trials, on_trial)
-    aim = search.goal.target_gflops
+    aim, known = search.goal.target_gflops, {}
     for _ in range(SEED_TRIES):
-        constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches)
+        constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches, known)
         search.forward_passes += images
         trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
         if trial is None or trial.state != "complete":

@@ -46,19 +46,19 @@ def check_budget(target_gflops: float, baseline_gflops: float, reachable: tuple[
                          f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. --theta-min-range)")
 
 
-def constant_for_budget(source: BatchSource, space: SearchSpace, budget_gflops: float,
-                        n_batches: int = 2) -> tuple[ATMConfig | None, int]:
+def constant_for_budget(source: BatchSource, space: SearchSpace, budget_gflops: float, n_batches: int = 2,
+                        known: dict[float, float] | None = None) -> tuple[ATMConfig | None, int]:
     """The least-merging constant threshold of the space within the budget on the first batches (None: none
-    is), and the images run to find it."""
+    is), and the images run to find it; `known` keeps each constant's GFLOPs on those batches between calls."""
     constants, images = space.constants(source.depth), 0
-    estimates: dict[int, float] = {}
+    estimates = {} if known is None else known
 
     def gflops(index: int) -> float:
         nonlocal images
-        if index not in estimates:
+        if constants[index] not in estimates:
             run = first_batches(source, space.constant(constants[index]), n_batches)
-            estimates[index], images = run.gflops, images + run.n_images
-        return estimates[index]
+            estimates[constants[index]], images = run.gflops, images + run.n_images
+        return estimates[constants[index]]
 
     if not constants or gflops(len(constants) - 1) > budget_gflops:
         return None, images
