@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .engine import METHODS, MethodConfig, method_config
 from .errors import UsageError
 from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+
+if TYPE_CHECKING:
+    from .evaluation.outcomes import Outcomes
 
 SCHEMA_VERSION = 1
 
@@ -48,6 +51,20 @@ class Measured:
     data: str | None = None  # where the images came from
     data_limit: int | None = None  # the class-balanced --limit subset, if one was used
     data_fingerprint: str | None = None  # paths, sizes and class mapping of those images
+    agreement: float | None = None  # percent of images keeping the unmerged model's top-1 class
+    baseline_top5: float | None = None
+
+    @classmethod
+    def of(cls, merged: Outcomes, unmerged: Outcomes, data: str, data_fingerprint: str,
+           data_limit: int | None = None, labelled: bool = True) -> Measured:
+        """The section from the measurement records of the setting and the unmerged model on the same images."""
+        from .evaluation.outcomes import agreement
+
+        return cls(gflops=merged.gflops, top1=merged.top1 if labelled else None,
+                   top5=merged.top5 if labelled else None, baseline_top1=unmerged.top1 if labelled else None,
+                   baseline_gflops=unmerged.gflops, n_images=merged.n_images, data=data, data_limit=data_limit,
+                   data_fingerprint=data_fingerprint, agreement=agreement(merged, unmerged),
+                   baseline_top5=unmerged.top5 if labelled else None)
 
 
 @dataclass
@@ -67,6 +84,7 @@ class Provenance:
     tuning_gflops: float | None = None
     device_type: str | None = None  # where it was measured: "cpu" or "cuda"
     precision: str | None = None  # the autocast dtype it was measured at: fp32, bf16 or fp16 (None: fp32)
+    search_space: dict[str, Any] | None = None  # the ranges searched and where they came from
 
 
 @dataclass
@@ -102,9 +120,17 @@ class Preset:
             "params": dict(self.params),
             "model": dataclasses.asdict(self.model),
             "batch_size": self.batch_size,
-            "measured": dataclasses.asdict(self.measured),
-            "provenance": dataclasses.asdict(self.provenance),
+            "measured": _written(self.measured),
+            "provenance": _written(self.provenance),
         }
+
+
+# Keys added to schema version 1 later: written only when they have a value, so older files read back unchanged.
+LATER_KEYS = frozenset({"agreement", "baseline_top5", "search_space"})
+
+
+def _written(section: Any) -> dict[str, Any]:
+    return {key: value for key, value in dataclasses.asdict(section).items() if value is not None or key not in LATER_KEYS}
 
 
 def canonical_model_name(name: str) -> str:

@@ -116,7 +116,7 @@ def test_tome_and_unmerged_methods(tiny_vit_dir, image_folder):
 def test_ctrl_c_prints_the_figures_so_far_and_exits_130(tiny_vit_dir, image_folder, monkeypatch):
     from atm_cli.evaluation import measure
 
-    forward, calls = measure._forward, []
+    forward, calls = measure.measure_batch, []
 
     def forward_until_the_third_batch(*args, **kwargs):
         calls.append(args)
@@ -124,7 +124,7 @@ def test_ctrl_c_prints_the_figures_so_far_and_exits_130(tiny_vit_dir, image_fold
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "_forward", forward_until_the_third_batch)
+    monkeypatch.setattr(measure, "measure_batch", forward_until_the_third_batch)
     _, outcome = run_eval("--model", tiny_vit_dir, "--data", image_folder, "--batch-size", "5", "--r", "2", "--json")
     assert outcome.exit_code == 130, outcome.stderr
     result = json.loads(outcome.stdout)

@@ -16,7 +16,7 @@ import atm_cli
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder, load_model
+from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
 from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import (Measured, ModelInfo, build_preset, bundled_presets_dir, default_preset_for, find_preset,
                              list_presets, load_preset, save_preset)

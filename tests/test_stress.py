@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from timm.utils import accuracy
 from typer.testing import CliRunner
 
 from atm_cli.analysis.compare import compare
-from atm_cli.analysis.stress import largest_passing_step, required_correct, stress
+from atm_cli.analysis.stress import climb, ladders, largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
-from atm_cli.evaluation import DEMO_EVAL_DATA, BatchRun, load_image_folder, preload
+from atm_cli.calibration import ModelBatches, RangeFlags
+from atm_cli.evaluation import DEMO_EVAL_DATA, BatchOutcome, Outcomes, load_image_folder, preload, run_batches
 
 LIMIT, BATCH = 32, 16
 
@@ -65,7 +67,11 @@ def test_largest_passing_step_is_cheaper_than_a_scan():
 
 
 def test_required_correct_is_the_tolerance_in_images():
-    run = BatchRun(batch_sizes=[50, 50], correct1=[40, 40])  # 80 % of 100 images
+    def batch(right: int, n: int = 50) -> BatchOutcome:
+        correct = np.arange(n) < right
+        return BatchOutcome(correct, np.where(correct, 0, 1), right, 1.0, (17,))
+
+    run = Outcomes([batch(40), batch(40)])  # 80 % of 100 images
     assert required_correct(run, 0.0) == 80
     assert required_correct(run, 1.0) == 79  # one point of 100 images is one image
     assert required_correct(run, 1.5) == 79  # 78.5 correct is not enough
@@ -80,8 +86,9 @@ def test_stress_ladders_meet_the_tolerance_and_tome_r_plus_one_fails(demo, batch
     assert report.baseline_gflops == pytest.approx(demo.unmerged_gflops)
     assert [m.method for m in report.methods] == ["tome", "threshold", "tome-increasing", "tome-decreasing"]
     for result in report.methods:
-        assert result.gflops <= report.baseline_gflops
-        assert result.top1 >= baseline_top1 - tolerance
+        if result.passed:
+            assert result.gflops <= report.baseline_gflops
+            assert result.top1 >= baseline_top1 - tolerance
 
     tome = report.methods[0]
     r = tome.params["r"]
@@ -109,7 +116,8 @@ def test_an_interrupted_stress_test_or_comparison_keeps_what_it_finished(demo, b
                       keep_partial=True)
     assert partial.interrupted and [p.budget for p in partial.points] == [0.8]
     assert partial.point("tome", 0.6) is None
-    assert partial.point("tome", 0.8).to_dict() == compare(demo, batches, methods=["tome"], budgets=[0.8]).points[0].to_dict()
+    whole = compare(demo, batches, methods=["tome"], budgets=[0.8])
+    assert partial.point("tome", 0.8).to_dict(partial.baseline) == whole.points[0].to_dict(whole.baseline)
 
 
 def test_stress_cli_json(demo):
@@ -120,7 +128,7 @@ def test_stress_cli_json(demo):
     assert set(report) >= {"baseline_top1", "baseline_gflops", "methods"}
     assert [m["method"] for m in report["methods"]] == ["atm", "tome"]
     for method in report["methods"]:
-        assert set(method) >= {"method", "top1", "gflops", "params"}
+        assert set(method) >= {"method", "passed", "top1", "gflops", "agreement", "params"}
         assert method["gflops"] <= report["baseline_gflops"]
         assert method["top1"] >= report["baseline_top1"] - 5
 
@@ -146,10 +154,50 @@ def test_compare_takes_the_least_tome_r_within_each_budget(demo, batches):
         assert more_gflops > point.budget_gflops  # one token fewer per block would not fit
 
 
+def test_atm_saves_at_least_the_constant_threshold_its_family_contains(demo, batches):
+    report = stress(demo, batches, methods=["atm", "threshold"], n_trials=4)
+    atm, constant = report.methods
+    assert constant.passed and atm.passed
+    assert atm.gflops <= constant.gflops
+    setting = {name: atm.params[name] for name in ("alpha", "beta", "theta_min", "split_layer")}
+    top1, gflops = direct_top1_and_gflops(demo.model, batches, ATMConfig(**setting))
+    assert (atm.top1, atm.gflops) == (pytest.approx(top1), pytest.approx(gflops))
+    assert top1 >= direct_top1_and_gflops(demo.model, batches)[0]  # no drop, checked on the model itself
+
+    report = compare(demo, batches, methods=["threshold", "atm"], budgets=[0.8], n_trials=3)
+    constant, atm = report.points
+    assert constant.passed and atm.passed and atm.top1 >= constant.top1
+    assert atm.gflops <= 0.8 * report.baseline_gflops
+
+
+def test_a_method_with_no_passing_setting_says_so_and_shows_no_figures(demo, batches):
+    space = RangeFlags().resolve(ModelBatches(demo, batches))
+    impossible = sum(len(labels) for _, labels in batches) + 1  # more correct images than there are
+    result = climb(demo, batches, ladders(demo, space)["tome"], impossible, lookahead=0)
+    assert not result.passed and result.trials and not any(t.passed for t in result.trials)
+    shown = result.to_dict(run_batches(demo, batches))
+    assert shown["passed"] is False and shown["top1"] is None and shown["gflops"] is None and shown["agreement"] is None
+
+
+def test_the_measured_range_spans_from_no_merging_to_far_below_any_budget(demo, batches):
+    space = RangeFlags().resolve(ModelBatches(demo, batches))
+    least, most = space.extremes()[1], space.extremes()[0]
+    # On the batch the ranges were measured on, the least-merging setting merges nothing: every block
+    # receives every token (ATM's last block then keeps the class token alone, as the head reads it alone).
+    patch(demo.model, least)
+    try:
+        with torch.inference_mode():
+            demo.model(batches[0][0])
+        assert last_trace(demo.model).tokens[:-1] == list(demo.unmerged_tokens)
+    finally:
+        unpatch(demo.model)
+    assert direct_top1_and_gflops(demo.model, batches[:1], most)[1] < 0.5 * demo.unmerged_gflops
+
+
 def test_compare_atm_point_is_what_its_setting_gives(demo, batches):
     report = compare(demo, batches, methods=["atm"], budgets=[0.7], n_trials=4)
     point, = report.points
-    assert point.top1 is not None, "the paper's ranges reach 70% of the demo model's GFLOPs"
+    assert point.top1 is not None, "the measured ranges reach 70% of the demo model's GFLOPs"
     assert point.gflops <= 0.7 * demo.unmerged_gflops
     setting = {name: point.params[name] for name in ("alpha", "beta", "theta_min", "split_layer")}
     top1, gflops = direct_top1_and_gflops(demo.model, batches, ATMConfig(**setting))

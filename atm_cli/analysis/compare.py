@@ -4,8 +4,9 @@ A budget is a share of the unmerged model's GFLOPs. ToMe and the Fig. 5 schedule
 budget, the least merging on their ladder (see `stress`) that fits it: GFLOPs fall monotonically
 along a top-r ladder, so bisection on GFLOPs (estimated on the first batch, where ToMe's count is
 already exact) finds that step, and a run on every batch confirms it; a data-dependent ladder (the
-constant threshold) steps on while the full run still exceeds the budget. ATM takes the
-calibration's best setting under the budget.
+constant threshold, on ATM's threshold grid) steps on while the full run still exceeds the budget.
+ATM takes the calibration's best top-1 under the budget, in the space measured from the model,
+seeded with the constant threshold's point at that budget: it never scores below it.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..calibration import BudgetGoal, ModelBatches, RangeFlags, SearchSpace, reachable_gflops, search_on
 from ..errors import Interruptible, UsageError
-from ..engine import ATMConfig
-from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
-from .stress import METHODS, Batches, Ladder, check_methods, ladders, stress_space
+from .stress import METHODS, Batches, Ladder, check_methods, ladders
 
 
 @dataclass
@@ -26,25 +27,51 @@ class ComparePoint:
     method: str
     budget: float  # share of the unmerged GFLOPs
     budget_gflops: float
-    top1: float | None  # None: no setting of this method fits the budget
-    gflops: float | None
+    chosen: Outcomes | None  # None: no setting of this method fits the budget
     params: dict | None
 
-    def to_dict(self) -> dict:
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def top1(self) -> float | None:
+        return self.chosen.top1 if self.chosen else None
+
+    @property
+    def gflops(self) -> float | None:
+        return self.chosen.gflops if self.chosen else None
+
+    def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,
-                "top1": self.top1, "gflops": self.gflops, "params": self.params}
+                "passed": self.passed, "top1": self.top1, "gflops": self.gflops,
+                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params}
 
 
 @dataclass
 class CompareReport:
-    baseline_top1: float
-    baseline_gflops: float
-    n_images: int
-    batch_size: int
+    baseline: Outcomes
     methods: list[str]
     budgets: list[float]
     points: list[ComparePoint]
+    space: SearchSpace  # ATM's search space and the constant threshold's grid
     interrupted: bool = False  # stopped early: `points` holds those finished before the interrupt
+
+    @property
+    def baseline_top1(self) -> float:
+        return self.baseline.top1
+
+    @property
+    def baseline_gflops(self) -> float:
+        return self.baseline.gflops
+
+    @property
+    def n_images(self) -> int:
+        return self.baseline.n_images
+
+    @property
+    def batch_size(self) -> int:
+        return self.baseline.batch_sizes[0]
 
     def point(self, method: str, budget: float) -> ComparePoint | None:
         """The method's point at the budget (None: not reached before an interrupt)."""
@@ -53,12 +80,12 @@ class CompareReport:
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "n_images": self.n_images, "batch_size": self.batch_size, "methods": self.methods,
-                "budgets": self.budgets, "points": [p.to_dict() for p in self.points],
-                "interrupted": self.interrupted}
+                "budgets": self.budgets, "points": [p.to_dict(self.baseline) for p in self.points],
+                "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
 def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
-                         budget_gflops: float) -> tuple[int, BatchRun] | None:
+                         budget_gflops: float) -> tuple[int, Outcomes] | None:
     """The smallest ladder step whose GFLOPs on all batches are <= the budget, and its run (None: none fits)."""
     estimates: dict[int, float] = {}
 
@@ -84,58 +111,63 @@ def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
 
 
 def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
-            n_trials: int = 30, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-            keep_partial: bool = False) -> CompareReport:
+            n_trials: int = 30, seed: int = 0, ranges: RangeFlags = RangeFlags(),
+            progress: Callable[[int, int], None] | None = None, keep_partial: bool = False) -> CompareReport:
     """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs).
 
+    ATM's points are searched after the others', seeded with the constant threshold's when it ran.
     With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the comparison early and
     the report holds the points finished before it (`interrupted` is then True).
     """
     check_methods(methods)
-    known = ladders(loaded)
     outside = [b for b in budgets if not 0 < b < 1]
     if outside or not budgets:
         raise UsageError(f"budgets are shares of the unmerged GFLOPs strictly between 0 and 1 (e.g. 0.7), got {budgets}")
     if not batches:
         raise UsageError("the comparison needs at least one image")
+    space = ranges.resolve(ModelBatches(loaded, batches))
+    known = ladders(loaded, space)
     baseline = run_batches(loaded, batches)
-    points, total = [], len(methods) * len(budgets)
+    points: dict[tuple[str, float], ComparePoint] = {}
+    total = len(methods) * len(budgets)
     with Interruptible(keep_partial) as stop:
-        for method in methods:
+        for method in sorted(methods, key=lambda name: name == "atm"):  # ATM last: the constant seeds it
             for budget in budgets:
-                points.append(point_within(loaded, batches, baseline, known, method, budget, n_trials, seed))
+                if method == "atm":
+                    constant = points.get(("threshold", budget))
+                    seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
+                    point = atm_within(loaded, batches, baseline, budget, n_trials, seed, space, seeds)
+                else:
+                    point = ladder_within(loaded, batches, known[method], budget, baseline.gflops)
+                points[method, budget] = point
                 if progress is not None:
                     progress(len(points), total)
-    return CompareReport(baseline.top1, baseline.gflops, baseline.n_images, baseline.batch_sizes[0], list(methods),
-                         list(budgets), points, stop.interrupted)
+    ordered = [points[m, b] for m in methods for b in budgets if (m, b) in points]
+    return CompareReport(baseline, list(methods), list(budgets), ordered, space, stop.interrupted)
 
 
-def point_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, known: dict[str, Ladder], method: str,
-                 budget: float, n_trials: int, seed: int) -> ComparePoint:
-    """One method's point at one budget."""
-    budget_gflops = budget * baseline.gflops
-    if method == "atm":
-        return atm_within(loaded, batches, baseline, budget, budget_gflops, n_trials, seed)
-    found = least_merging_within(loaded, batches, known[method], budget_gflops)
+def ladder_within(loaded: LoadedModel, batches: Batches, ladder: Ladder, budget: float,
+                  baseline_gflops: float) -> ComparePoint:
+    """A ladder method's point at one budget: its least merging within it."""
+    budget_gflops = budget * baseline_gflops
+    found = least_merging_within(loaded, batches, ladder, budget_gflops)
     if found is None:
-        return ComparePoint(method, budget, budget_gflops, None, None, None)
+        return ComparePoint(ladder.method, budget, budget_gflops, None, None)
     step, run = found
-    return ComparePoint(method, budget, budget_gflops, run.top1, run.gflops, known[method].params(step))
+    return ComparePoint(ladder.method, budget, budget_gflops, run, ladder.params(step))
 
 
-def atm_within(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget: float, budget_gflops: float,
-               n_trials: int, seed: int) -> ComparePoint:
-    """ATM: the calibration search's best top-1 with GFLOPs <= the budget (its ranges as in `stress`)."""
-    from ..calibration import ModelBatches, reachable_gflops, search_budget
-
-    space = stress_space()
+def atm_within(loaded: LoadedModel, batches: Batches, baseline: Outcomes, budget: float, n_trials: int, seed: int,
+               space: SearchSpace, seeds: Sequence = ()) -> ComparePoint:
+    """ATM: the calibration search's best top-1 with GFLOPs <= the budget, chosen on these images."""
+    budget_gflops = budget * baseline.gflops
     lowest, _, _ = reachable_gflops(ModelBatches(loaded, batches), space)
-    found = None if budget_gflops < lowest else search_budget(loaded, batches, baseline, budget_gflops, n_trials,
-                                                              seed, space)
+    found = None if budget_gflops < lowest else search_on(loaded, batches, baseline, BudgetGoal(budget_gflops), space,
+                                                          n_trials, seed, seeds)
     if found is None or found.best is None:
-        return ComparePoint("atm", budget, budget_gflops, None, None, None)
-    _, params = describe_method(ATMConfig(**found.best.params))
-    return ComparePoint("atm", budget, budget_gflops, found.best.top1, found.best.gflops, params)
+        return ComparePoint("atm", budget, budget_gflops, None, None)
+    _, params = describe_method(space.config(found.best.params))
+    return ComparePoint("atm", budget, budget_gflops, found.best.outcomes, params)
 
 
 def plot_compare(report: CompareReport, path: str | Path, title: str = "") -> Path:

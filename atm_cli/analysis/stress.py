@@ -1,9 +1,11 @@
 """The stress test (paper Table 1): each method's largest GFLOPs saving with no top-1 drop beyond a tolerance.
 
-Every method runs on the same preloaded batches. ATM is the calibration search in no-drop mode.
-ToMe and the schedules of the paper's Fig. 5 (constant threshold, increasing and decreasing top-r,
-all with alternate matching) are one-parameter ladders: step 0 merges nothing, each step up
-merges more. Accuracy is not monotone along a ladder, so no bisection can promise the overall
+Every method runs on the same preloaded batches. ATM is the calibration search in no-drop mode,
+in the space measured from the model (or given by the range flags), as `atm calibrate` searches.
+Every other registered method and the schedules of the paper's Fig. 5 (constant threshold,
+increasing and decreasing top-r) are one-parameter ladders: step 0 merges nothing, each step up
+merges more. The constant threshold is ATM with beta = 0 on the space's threshold grid, so ATM's
+search, seeded with the constant that passed, never saves less than it. Accuracy is not monotone along a ladder, so no bisection can promise the overall
 largest passing step. What the search does promise, cheaply: the step it returns passes and the
 next one fails. It gallops up (steps 1, 3, 7, ...: a pass moves the floor up, the stride doubles)
 until a step fails, bisects between the last pass and that failure, then looks `lookahead` steps
@@ -14,20 +16,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..calibration import ModelBatches, NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
-from ..evaluation import BatchRun, LoadedModel, describe_method, run_batches
+from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 from ..paper import METHODS
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 Progress = Callable[[int, int], None]
 
-THRESHOLD_STEP = 0.005  # the paper's sweep interval (Appendix D)
 LOOKAHEAD = 2
 
 
@@ -47,32 +49,32 @@ def ramp(peak: int, depth: int) -> list[int]:
     return [max(0, peak - (depth - 1) + block) for block in range(depth)]
 
 
-def ladders(loaded: LoadedModel) -> dict[str, Ladder]:
+def knob_ladder(loaded: LoadedModel, cls: type[MethodConfig]) -> Ladder:
+    """A registered method's knob for this model, as a ladder."""
+    knob = cls.knob(len(loaded.model.blocks), loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens)
+    return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
+                  knob.top)
+
+
+def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
     """The ladders for this model's depth and token count, by method name: every registered method's
-    knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules."""
+    knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules, the constant
+    threshold on ATM's threshold grid (`space`)."""
     depth = len(loaded.model.blocks)
     image_tokens = loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens
     half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
-
-    def threshold(step: int) -> float:
-        return round(1.0 - THRESHOLD_STEP * step, 6)
-
-    def from_knob(cls) -> Ladder:
-        knob = cls.knob(depth, image_tokens)
-        return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
-                      knob.top)
+    grid = space.threshold_grid()
 
     return {
-        **{name: from_knob(cls) for name, cls in REGISTRY.items() if name != "atm"},
+        **{name: knob_ladder(loaded, cls) for name, cls in REGISTRY.items() if name != "atm"},
         "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
                                   lambda r: ToMeConfig(r=ramp(r, depth)),
                                   lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
         "tome-decreasing": Ladder("tome-decreasing", "top-r falling by one per block (alternate matching)",
                                   lambda r: ToMeConfig(r=ramp(r, depth)[::-1]),
                                   lambda r: {"r": r, "schedule": ramp(r, depth)[::-1]}, half + depth - 1),
-        "threshold": Ladder("threshold", "constant threshold in every block (alternate matching)",
-                            lambda s: ATMConfig.constant(threshold(s), split_layer=depth),
-                            lambda s: {"threshold": threshold(s)}, round(2.0 / THRESHOLD_STEP)),  # down to -1
+        "threshold": Ladder("threshold", "constant threshold in every block (ATM with beta = 0)",
+                            lambda s: space.constant(grid[s]), lambda s: {"threshold": grid[s]}, len(grid) - 1),
     }
 
 
@@ -84,6 +86,8 @@ def check_methods(methods: Sequence[str]) -> None:
 
 @dataclass
 class Trial:
+    """One setting a method tried: its figures over the images it ran (all of them when it passed)."""
+
     params: dict
     passed: bool
     top1: float  # over the images it ran (all of them when it passed)
@@ -99,50 +103,76 @@ class Trial:
 class MethodResult:
     method: str
     description: str
-    top1: float
-    gflops: float
-    params: dict
+    chosen: Outcomes | None  # the largest saving that passed (None: no setting that reduces anything passed)
+    params: dict | None
     trials: list[Trial] = field(default_factory=list)
     forward_passes: int = 0  # images run through the model for this method, stopped trials included
 
-    def to_dict(self, baseline_gflops: float) -> dict:
-        return {"method": self.method, "description": self.description, "top1": self.top1, "gflops": self.gflops,
-                "gflops_change": 100.0 * (self.gflops / baseline_gflops - 1.0), "params": self.params,
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def top1(self) -> float | None:
+        return self.chosen.top1 if self.chosen else None
+
+    @property
+    def gflops(self) -> float | None:
+        return self.chosen.gflops if self.chosen else None
+
+    def to_dict(self, baseline: Outcomes) -> dict:
+        change = 100.0 * (self.gflops / baseline.gflops - 1.0) if self.passed else None
+        return {"method": self.method, "description": self.description, "passed": self.passed, "top1": self.top1,
+                "gflops": self.gflops, "gflops_change": change,
+                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params,
                 "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
 
 
 @dataclass
 class StressReport:
-    baseline_top1: float
-    baseline_gflops: float
+    baseline: Outcomes
     tolerance: float
-    n_images: int
-    batch_size: int
     methods: list[MethodResult]
+    space: SearchSpace  # ATM's search space and the constant threshold's grid
     interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
+
+    @property
+    def baseline_top1(self) -> float:
+        return self.baseline.top1
+
+    @property
+    def baseline_gflops(self) -> float:
+        return self.baseline.gflops
+
+    @property
+    def n_images(self) -> int:
+        return self.baseline.n_images
+
+    @property
+    def batch_size(self) -> int:
+        return self.baseline.batch_sizes[0]
 
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
-                "methods": [result.to_dict(self.baseline_gflops) for result in self.methods],
-                "interrupted": self.interrupted}
+                "methods": [result.to_dict(self.baseline) for result in self.methods],
+                "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
-def required_correct(baseline: BatchRun, tolerance: float) -> int:
+def required_correct(baseline: Outcomes, tolerance: float) -> int:
     """The fewest correct images whose top-1 is >= the baseline's minus `tolerance` percentage points."""
-    return math.ceil(sum(baseline.correct1) - tolerance * baseline.n_images / 100.0 - 1e-9)
+    return math.ceil(baseline.n_correct - tolerance * baseline.n_images / 100.0 - 1e-9)
 
 
-def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MethodConfig, needed: int) -> tuple[BatchRun, bool]:
+def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MethodConfig, needed: int) -> tuple[Outcomes, bool]:
     """Run batch by batch; stop once even all remaining images right could not reach `needed` correct."""
-    run = BatchRun()
+    run = Outcomes()
     remaining = sum(len(labels) for _, labels in batches)
     for batch in batches:
         part = run_batches(loaded, [batch], method)
-        for column in fields(BatchRun):
-            getattr(run, column.name).extend(getattr(part, column.name))
+        run.extend(part.batches)
         remaining -= part.n_images
-        if sum(run.correct1) + remaining < needed:
+        if run.n_correct + remaining < needed:
             return run, False
     return run, True
 
@@ -182,15 +212,15 @@ def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int
         floor = max(beyond)
 
 
-def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: BatchRun, needed: int,
+def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, needed: int,
           lookahead: int = LOOKAHEAD) -> MethodResult:
     """The ladder's largest passing step by `largest_passing_step`, with every trial recorded.
 
-    Step 0 is taken to pass without a run (it merges nothing), but when it is the answer it is run:
-    its GFLOPs need not be the unmerged model's (ATM's last block keeps only the class token).
+    Step 0 is taken to pass without a run (it merges nothing): when it is the answer, no setting
+    that reduces anything passed.
     """
-    result = MethodResult(ladder.method, ladder.description, baseline.top1, baseline.gflops, ladder.params(0))
-    runs: dict[int, BatchRun] = {}
+    result = MethodResult(ladder.method, ladder.description, None, None)
+    runs: dict[int, Outcomes] = {}
 
     def passes(step: int) -> bool:
         run, passed = run_until_hopeless(loaded, batches, ladder.config(step), needed)
@@ -200,17 +230,17 @@ def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, baseline: Batch
         return passed
 
     best = largest_passing_step(passes, ladder.top, lookahead)
-    if best not in runs:
-        passes(best)
-    result.top1, result.gflops, result.params = runs[best].top1, runs[best].gflops, ladder.params(best)
+    if best > 0:
+        result.chosen, result.params = runs[best], ladder.params(best)
     return result
 
 
 def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
-           n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD,
+           n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD, ranges: RangeFlags = RangeFlags(),
            progress: Progress | None = None, keep_partial: bool = False) -> StressReport:
     """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points).
 
+    ATM runs after the ladders, seeded with the constant threshold's passing step when it ran.
     With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the test early and the
     report holds the methods finished before it (`interrupted` is then True).
     """
@@ -219,41 +249,33 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
     check_methods(methods)
     if not batches:
         raise UsageError("the stress test needs at least one image")
-    known = ladders(loaded)
+    space = ranges.resolve(ModelBatches(loaded, batches))
+    known = ladders(loaded, space)
     baseline = run_batches(loaded, batches)
     needed = required_correct(baseline, tolerance)
-    results = []
+    results: dict[str, MethodResult] = {}
     with Interruptible(keep_partial) as stop:
-        for done, name in enumerate(methods, start=1):
+        for name in sorted(methods, key=lambda name: name == "atm"):  # ATM last: the constant seeds it
             if name == "atm":
-                results.append(atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed))
+                constant = results.get("threshold")
+                seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
+                results[name] = atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed, space, seeds)
             else:
-                results.append(climb(loaded, batches, known[name], baseline, needed, lookahead))
+                results[name] = climb(loaded, batches, known[name], needed, lookahead)
             if progress is not None:
-                progress(done, len(methods))
-    return StressReport(baseline.top1, baseline.gflops, tolerance, baseline.n_images, baseline.batch_sizes[0], results,
+                progress(len(results), len(methods))
+    return StressReport(baseline, tolerance, [results[name] for name in methods if name in results], space,
                         stop.interrupted)
 
 
-def stress_space():
-    """The paper's ranges with beta from 0: ATM's family then holds the constant thresholds it is compared with."""
-    from ..calibration import SearchSpace
-
-    return SearchSpace(beta=(0.0, SearchSpace().beta[1]))
-
-
-def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, tolerance: float, n_trials: int,
-                seed: int) -> MethodResult:
-    """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min); no merging if no trial passed."""
-    from ..calibration import search_no_drop
-
-    found = search_no_drop(loaded, batches, baseline, tolerance=tolerance, n_trials=n_trials, seed=seed,
-                           space=stress_space())
+def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: Outcomes, tolerance: float, n_trials: int,
+                seed: int, space: SearchSpace, seeds: Sequence[ATMConfig] = ()) -> MethodResult:
+    """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min), chosen on these images."""
+    found = search_on(loaded, batches, baseline, NoDropGoal(tolerance), space, n_trials, seed, seeds)
     trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)
-              for t in found.trials if t.top1 is not None]
-    result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", baseline.top1, baseline.gflops, {},
-                          trials, found.forward_passes)
+              for t in found.trials]
+    result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", None, None, trials,
+                          found.forward_passes)
     if found.best is not None:
-        _, result.params = describe_method(ATMConfig(**found.best.params))
-        result.top1, result.gflops = found.best.top1, found.best.gflops
+        result.chosen, (_, result.params) = found.best.outcomes, describe_method(space.config(found.best.params))
     return result

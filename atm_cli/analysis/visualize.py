@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..evaluation import LoadedModel, run_batches
 from .compare import least_merging_within
 from .plotting import pyplot, save_figure
-from .stress import ladders
+from .stress import knob_ladder
 
 PANEL_PIXELS = 128  # about this many pixels a side for each picture
 CAPTION_PIXELS = 20
@@ -146,7 +146,7 @@ def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: Metho
     labels = torch.zeros(1, dtype=torch.long)
     target = sum(run_batches(loaded, [(picture[None], labels)], config).gflops for picture in pictures) / len(pictures)
     batch = [(pictures[0][None], labels)]  # ToMe's GFLOPs do not depend on the image
-    ladder = ladders(loaded)["tome"]
+    ladder = knob_ladder(loaded, ToMeConfig)
     found = least_merging_within(loaded, batch, ladder, target)
     return ladder.config(found[0] if found is not None else ladder.top)
 

@@ -5,101 +5,72 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import Tensor
+import optuna
 
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import BatchRun, ImageSet, LoadedModel, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation import LoadedModel, Outcomes, load_image_folder, load_model, load_unlabelled_images, preload
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
-from .search import (BatchOutcome, BudgetGoal, Goal, NoDropGoal, Search, SearchResult, Tally, TrialEvent,
-                     check_budget, reachable_gflops)
+from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal
+from .model_batches import Batches, ModelBatches, RangeFlags
+from .search import Search, SearchResult, TrialEvent
+from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
 from .space import SearchSpace
 from .study import open_storage, open_study
 
-Batches = Sequence[tuple[Tensor, Tensor]]
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
 PROBE_BATCHES = 1  # batches a trial runs before its GFLOPs are checked against the goal
+SEED_TRIES = 4  # constants tried for a budget before the search goes on without one
+SPEND = 0.9  # a budget search's choice should use at least this share of the budget (else it says why)
 
 
-@dataclass
-class ModelBatches:
-    """A loaded model on preloaded batches: the BatchSource the search runs."""
+def seed_constant(search: Search, study: optuna.Study, n_trials: int,
+                  on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
+    """The constant threshold that meets the goal (see `seeding`), run as the study's first trials (images run
+    outside trials to find it count in `search.forward_passes`); None when none did. Only a fresh study is
+    seeded: a resumed one already ran its seeds.
 
-    loaded: LoadedModel
-    batches: Batches
-
-    @property
-    def depth(self) -> int:
-        return len(self.loaded.model.blocks)
-
-    @property
-    def n_batches(self) -> int:
-        return len(self.batches)
-
-    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
-        return outcome_of(run_batches(self.loaded, [self.batches[index]], config), 0, self.batches[index][1])
-
-    def run_all(self, config: ATMConfig | None) -> Tally:
-        tally = Tally()
-        for index in range(self.n_batches):
-            tally.add(self.run(config, index))
-        return tally
-
-
-def outcome_of(run: BatchRun, index: int, labels: Tensor) -> BatchOutcome:
-    return BatchOutcome(correct=(run.batch_predictions[index] == labels).numpy(), correct5=run.correct5[index],
-                        gflops=run.batch_gflops[index])
-
-
-def tally_of(run: BatchRun, batches: Batches) -> Tally:
-    """The per-image view of a BatchRun the caller already has (e.g. the unmerged model's)."""
-    tally = Tally()
-    for index, (_, labels) in enumerate(batches):
-        tally.add(outcome_of(run, index, labels))
-    return tally
-
-
-def search_no_drop(loaded: LoadedModel, batches: Batches, baseline: BatchRun, tolerance: float = 0.0,
-                   n_trials: int = 30, seed: int | None = 0, space: SearchSpace = SearchSpace(),
-                   timeout: float | None = None, known_good: Sequence[ATMConfig] | None = None,
-                   on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
-    """The lowest-GFLOPs ATM setting whose top-1 on `batches` is >= `baseline`'s - tolerance (points).
-
-    `baseline` is the unmerged model's run on the same batches. The result's `params`, `top1`,
-    `gflops` are the best trial's (RunError when no trial met the floor); `forward_passes` counts
-    the images the search ran (the baseline's not included). `known_good` defaults to the bundled
-    presets for the model nearest the goal.
+    For a budget, a constant chosen on the first batches may exceed the budget on the whole set
+    (batches differ in GFLOPs); the next try aims at the budget scaled by the ratio of the first
+    batches' GFLOPs to the whole set's that the last try showed.
     """
-    return _search_batches(loaded, batches, baseline, NoDropGoal(tolerance), n_trials, seed, space, timeout,
-                           known_good, on_trial)
+    if study.get_trials(deepcopy=False):
+        return None
+    if not isinstance(search.goal, BudgetGoal):
+        return constant_for_floor(search, study, n_trials, on_trial)
+    aim, known = search.goal.target_gflops, {}
+    for _ in range(SEED_TRIES):
+        constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches, known)
+        search.forward_passes += images
+        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
+        if trial is None or trial.state != "complete":
+            return None
+        if trial.feasible:
+            return constant
+        aim = search.goal.target_gflops * trial.outcomes.first(search.probe_batches).gflops / trial.gflops
+    return None
 
 
-def search_budget(loaded: LoadedModel, batches: Batches, baseline: BatchRun, budget_gflops: float,
-                  n_trials: int = 30, seed: int | None = 0, space: SearchSpace = SearchSpace(),
-                  timeout: float | None = None, known_good: Sequence[ATMConfig] | None = None,
-                  on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
-    """The ATM setting with the best top-1 on `batches` among those with GFLOPs <= `budget_gflops`.
+def search_on(loaded: LoadedModel, batches: Batches, baseline: Outcomes, goal: Goal, space: SearchSpace,
+              n_trials: int = 30, seed: int | None = 0, seeds: Sequence[ATMConfig] = (), rule: str = "argmax",
+              on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
+    """A search kept in memory, on batches and an unmerged run the caller already has (stress, compare).
 
-    As `search_no_drop`, with the budget as the goal (check it first with `reachable_gflops`).
+    `seeds` run first, each on every image (a pruned seed could not promise that the result is at
+    least as good); without them the study is seeded with the constant threshold that meets the goal.
+    `rule="argmax"` chooses on these images alone (they report on them).
     """
-    return _search_batches(loaded, batches, baseline, BudgetGoal(budget_gflops), n_trials, seed, space, timeout,
-                           known_good, on_trial)
-
-
-def _search_batches(loaded: LoadedModel, batches: Batches, baseline: BatchRun, goal: Goal, n_trials: int,
-                    seed: int | None, space: SearchSpace, timeout: float | None,
-                    known_good: Sequence[ATMConfig] | None,
-                    on_trial: Callable[[TrialEvent], None] | None) -> SearchResult:
-    """A search kept in memory, on batches and an unmerged run the caller already has."""
-    reference = tally_of(baseline, batches)
-    search = Search(ModelBatches(loaded, batches), reference, goal, space, PROBE_BATCHES)
+    search = Search(ModelBatches(loaded, batches), baseline, goal, space, PROBE_BATCHES, rule)
     study = open_study(None, None, goal, {}, seed, n_trials)
-    known = _known_good(loaded, goal, reference.gflops) if known_good is None else known_good
-    return search.run(study, n_trials, timeout, known, on_trial)
+    for config in seeds:
+        search.try_setting(study, config, n_trials, on_trial, unpruned=True)
+    if not seeds:
+        seed_constant(search, study, n_trials, on_trial)
+    return search.run(study, n_trials, None, (), on_trial)
 
 
 def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:
@@ -140,10 +111,12 @@ class CalibrationRequest:
     target_reduction: float | None = None  # percent fewer GFLOPs than the unmerged model
     no_drop: bool = False
     tolerance: float = 0.0
+    min_agreement: float | None = None  # percent of images keeping the unmerged top-1 class (no labels needed)
     n_trials: int = 30
     timeout: float | None = None
     seed: int = 0
-    space: SearchSpace = field(default_factory=SearchSpace)
+    ranges: RangeFlags = field(default_factory=RangeFlags)
+    rule: str = "paired"
     batch_size: int = 128
     workers: int = 0
     device: str = "auto"
@@ -153,11 +126,15 @@ class CalibrationRequest:
     out: Path | None = None
 
     def check(self) -> None:
-        goals = [self.target_gflops is not None, self.target_reduction is not None, self.no_drop]
+        goals = [self.target_gflops is not None, self.target_reduction is not None, self.no_drop,
+                 self.min_agreement is not None]
         if sum(goals) != 1:
-            raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P or --no-drop")
+            raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P, --no-drop or "
+                             "--min-agreement P")
         if self.target_reduction is not None and not 0 < self.target_reduction < 100:
             raise UsageError(f"--target-reduction is a percentage in (0, 100), got {self.target_reduction}")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
+            raise UsageError(f"--min-agreement is a percentage in (0, 100], got {self.min_agreement}")
         if self.target_gflops is not None and self.target_gflops <= 0:
             raise UsageError(f"--target-gflops must be positive, got {self.target_gflops}")
         if self.tolerance < 0:
@@ -169,26 +146,12 @@ class CalibrationRequest:
         if self.study_name is not None and self.storage is None:
             raise UsageError("--study-name names a study in a --storage; give --storage too")
 
-
-@dataclass
-class Measurement:
-    """A setting and the unmerged model on the same images."""
-
-    top1: float
-    top5: float
-    gflops: float
-    baseline_top1: float
-    baseline_top5: float
-    baseline_gflops: float
-    n_images: int
-    data: str
-    data_fingerprint: str
-
-    @classmethod
-    def of(cls, merged: Tally, reference: Tally, images: ImageSet) -> Measurement:
-        return cls(top1=merged.top1, top5=merged.top5, gflops=merged.gflops, baseline_top1=reference.top1,
-                   baseline_top5=reference.top5, baseline_gflops=reference.gflops, n_images=merged.n_images,
-                   data=images.source, data_fingerprint=images.fingerprint)
+    def goal(self, unmerged_gflops: float) -> Goal:
+        if self.no_drop:
+            return NoDropGoal(self.tolerance)
+        if self.min_agreement is not None:
+            return AgreementGoal(agreement=self.min_agreement)
+        return BudgetGoal(self.target_gflops or unmerged_gflops * (1 - self.target_reduction / 100))
 
 
 @dataclass
@@ -196,34 +159,57 @@ class CalibrationReport:
     request: CalibrationRequest
     result: SearchResult
     config: ATMConfig
-    tuning: Measurement
-    reported: Measurement  # on --eval-data when given, else the tuning images
+    tuning: Measured
+    reported: Measured  # on --eval-data when given, else the tuning images
     shared_images: bool  # tuning and reporting used the same images
     reachable_gflops: tuple[float, float] | None
+    constant: ATMConfig | None  # the constant threshold seeded into the study (None: a resumed study, or none met the goal)
     forward_passes: int  # images through the model for the search (baseline and range check included)
     report_forward_passes: int  # images through the model to measure the result on --eval-data
     preset: Preset
 
+    @property
+    def budget_note(self) -> str | None:
+        """Why a budget search chose a setting more than 10% below its budget (None: it spent the budget)."""
+        goal, best = self.result.goal, self.result.best
+        if not isinstance(goal, BudgetGoal) or best.gflops >= SPEND * goal.target_gflops:
+            return None
+        closer = [t for t in self.result.trials if t.state == "complete" and t.feasible
+                  and t.gflops >= SPEND * goal.target_gflops]
+        if not closer:
+            return (f"no complete trial used {100 * SPEND:g}-100% of the budget, so trial {best.number} at "
+                    f"{best.gflops:.4g} GFLOPs was the closest; run more trials to fill the gap")
+        near = max(closer, key=lambda t: (t.top1, t.gflops))
+        return (f"trial {best.number} ({best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs) scores higher by more "
+                f"than chance than every trial within {100 * (1 - SPEND):g}% of the budget (best of them: trial "
+                f"{near.number}, {near.top1:.2f}% at {near.gflops:.4g} GFLOPs)")
+
     def to_dict(self) -> dict:
-        r = self.reported
-        best = self.result.best
+        r, t = self.reported, self.tuning
+        best, argmax = self.result.best, self.result.argmax
         return {
             "model": self.preset.model.name,
             "goal": self.result.goal.describe(),
-            "params": self.result.params,
-            "top1": r.top1, "top5": r.top5, "gflops": r.gflops,
+            "params": self.config.to_params(),
+            "top1": r.top1, "top5": r.top5, "gflops": r.gflops, "agreement": r.agreement,
             "baseline_top1": r.baseline_top1, "baseline_top5": r.baseline_top5, "baseline_gflops": r.baseline_gflops,
             "gflops_reduction": 100.0 * (1.0 - r.gflops / r.baseline_gflops),
             "n_images": r.n_images, "data": r.data, "batch_size": self.request.batch_size,
             "shared_images": self.shared_images,
-            "tuning": {"top1": self.tuning.top1, "gflops": self.tuning.gflops, "baseline_top1": self.tuning.baseline_top1,
-                       "n_images": self.tuning.n_images, "data": self.tuning.data},
+            "tuning": {"top1": t.top1, "gflops": t.gflops, "agreement": t.agreement, "baseline_top1": t.baseline_top1,
+                       "n_images": t.n_images, "data": t.data},
+            "rule": self.result.rule,
             "best_trial": best.number,
+            "argmax_trial": argmax.number if argmax is not None else None,
+            "budget_note": self.budget_note,
+            "constant_threshold": self.constant.alpha if self.constant is not None else None,
+            "search_space": self.result.space.to_dict(),
             "n_trials": len(self.result.trials),
             "trials_run": self.result.trials_run,
             "trials_pruned": sum(t.state == "pruned" for t in self.result.trials),
             "trials_repeated": sum(t.repeats is not None for t in self.result.trials),
             "forward_passes": self.forward_passes,
+            "study_forward_passes": self.result.study_forward_passes,
             "naive_forward_passes": self.result.naive_forward_passes,
             "report_forward_passes": self.report_forward_passes,
             "reachable_gflops": list(self.reachable_gflops) if self.reachable_gflops else None,
@@ -241,33 +227,31 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     stage(f"loading {request.model}")
     loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
                         unsafe_checkpoint=request.unsafe_checkpoint)
-    request.space.validate(len(loaded.model.blocks))
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
     if request.data is None and not demo_defaults:
         raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
     data = DEMO_CALIB_DATA if demo_defaults else request.data
     eval_data = DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
-
-    goal: Goal
-    if request.no_drop:
-        goal = NoDropGoal(request.tolerance)
-    else:
-        target = request.target_gflops or loaded.unmerged_gflops * (1 - request.target_reduction / 100)
-        goal = BudgetGoal(target)
-        check_budget(target, loaded.unmerged_gflops)
+    goal = request.goal(loaded.unmerged_gflops)
+    if isinstance(goal, BudgetGoal):
+        check_budget(goal.target_gflops, loaded.unmerged_gflops)
 
     stage(f"loading images from {data}")
-    images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
-    batches = preload(images, request.batch_size, request.workers, loaded.device)
-    source = ModelBatches(loaded, batches)
+    if goal.label_free:  # any folder of images: labels, where there are any, are not read
+        images = load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
+    else:
+        images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
+    source = ModelBatches(loaded, preload(images, request.batch_size, request.workers, loaded.device))
+    stage("measuring the search ranges")
+    space = request.ranges.resolve(source)
+    forward_passes = len(source.batches[0][1]) if request.ranges.measures else 0
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
-             "batch_size": request.batch_size, "goal": goal.describe(), "space": request.space.to_dict()}
+             "batch_size": request.batch_size, "goal": goal.describe(), "space": space.to_dict()}
     study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)
 
-    forward_passes = 0
     cached = study.user_attrs.get(REFERENCE_ATTR)
     if cached is not None:
-        reference = Tally.from_record(cached)
+        reference = Outcomes.from_record(cached)
     else:
         stage("running the unmerged model")
         reference = source.run_all(None)
@@ -277,39 +261,42 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     reachable = None
     if isinstance(goal, BudgetGoal):
         stage("checking which GFLOPs the ranges reach")
-        low, high, spent = reachable_gflops(source, request.space)
+        low, high, spent = reachable_gflops(source, space)
         forward_passes += spent
         reachable = (low, high)
         check_budget(goal.target_gflops, reference.gflops, reachable)
 
-    search = Search(source, reference, goal, request.space, PROBE_BATCHES)
+    search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
+    stage("seeding with a constant threshold")
+    constant = seed_constant(search, study, request.n_trials, on_trial)
     stage("searching")
-    result = search.run(study, request.n_trials, request.timeout,
-                        _known_good(loaded, goal, reference.gflops), on_trial)
+    result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
+                        on_trial)
     forward_passes += result.forward_passes
     config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measurement.of(result.best.tally, reference, images)
+    tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
+                         images.labelled)
     reported, report_passes, shared = tuning, 0, True
     if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
         stage(f"measuring the best setting on {eval_data}")
         eval_images = load_image_folder(eval_data, loaded)
-        eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers))
+        eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers, loaded.device))
         merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
         report_passes = merged.n_images + unmerged.n_images
-        reported = Measurement.of(merged, unmerged, eval_images)
+        reported = Measured.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
         shared = False
 
-    preset = _preset(request, loaded, config, goal, reported, tuning, shared, len(result.trials))
+    preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials))
     if request.out is not None:
         save_preset(preset, request.out)
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
-                             shared_images=shared, reachable_gflops=reachable, forward_passes=forward_passes,
-                             report_forward_passes=report_passes, preset=preset)
+                             shared_images=shared, reachable_gflops=reachable, constant=constant,
+                             forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset)
 
 
-def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, reported: Measurement,
-            tuning: Measurement, shared: bool, trials: int) -> Preset:
+def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,
+            reported: Measured, tuning: Measured, shared: bool, trials: int) -> Preset:
     reduction = 100.0 * (1.0 - reported.gflops / reported.baseline_gflops)
     tuned_elsewhere = {} if shared else {
         "tuning_data": tuning.data, "tuning_data_fingerprint": tuning.data_fingerprint,
@@ -319,11 +306,11 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
         ModelInfo(name=loaded.name, tag=loaded.tag, num_classes=loaded.num_classes,
                   checkpoint_sha256=loaded.checkpoint_sha256),
         request.batch_size,
-        Measured(gflops=reported.gflops, top1=reported.top1, top5=reported.top5, baseline_top1=reported.baseline_top1,
-                 baseline_gflops=reported.baseline_gflops, n_images=reported.n_images, data=reported.data,
-                 data_limit=request.limit if shared else None, data_fingerprint=reported.data_fingerprint),
+        reported,
         source="atm calibrate",
         description=f"{loaded.name}, atm calibrate ({goal.describe()}): {reported.gflops:.4g} GFLOPs "
-                    f"({-reduction:+.0f}%), {reported.top1:.2f}% top-1 on {reported.n_images} images",
-        trials=trials, seed=request.seed, target=goal.describe(), **tuned_elsewhere,
+                    f"({-reduction:+.0f}%), " + (f"{reported.top1:.2f}% top-1" if reported.top1 is not None else
+                                                 f"{reported.agreement:.2f}% agreement") +
+                    f" on {reported.n_images} images",
+        trials=trials, seed=request.seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
     )

@@ -12,7 +12,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from atm_cli.errors import UsageError
 
-from .search import SETUP_ATTR, Goal
+from .goals import Goal
+from .trials import SETUP_ATTR
 
 # A process that dies mid-trial leaves it RUNNING; with a heartbeat, the next process marks it failed.
 HEARTBEAT_SECONDS = 30

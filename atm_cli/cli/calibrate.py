@@ -10,28 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from atm_cli.errors import UsageError
 from atm_cli.model_names import DEMO_MODEL_ALIAS
-from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
 from . import model_data as options
+from . import ranges
 
 if TYPE_CHECKING:
     from atm_cli.calibration import CalibrationReport, TrialEvent
-
-
-def _range(text: Optional[str], flag: str, default: tuple[float, float]) -> tuple[float, float]:
-    if text is None:
-        return default
-    try:
-        low, high = (float(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"{flag} takes LOW,HIGH (two numbers), got {text!r}") from None
-    return low, high
-
-
-def _paper(bounds: tuple[float, float]) -> str:
-    return f"{bounds[0]},{bounds[1]}"
 
 
 def command(
@@ -56,20 +41,20 @@ def command(
     no_drop: bool = typer.Option(False, "--no-drop",
                                  help="Minimise GFLOPs subject to top-1 >= the unmerged model's - tolerance."),
     tolerance: float = typer.Option(0.0, "--tolerance", metavar="T", help="--no-drop: top-1 points that may be lost."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", metavar="P",
+                                                  help="Minimise GFLOPs keeping at least P% of images' top-1 class "
+                                                       "equal to the unmerged model's (labels are not used)."),
     n_trials: int = typer.Option(30, "--n-trials", min=1,
                                  help="Trials in the study (a resumed study continues up to this many)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the --limit subset."),
-    split_layer: Optional[int] = typer.Option(None, "--split-layer", metavar="L",
-                                              help="Last block with alternate matching (default: 0.75 of the depth)."),
-    search_split_layer: bool = typer.Option(False, "--search-split-layer", help="Search the split layer too."),
-    alpha_range: Optional[str] = typer.Option(None, "--alpha-range", metavar="LOW,HIGH",
-                                              help=f"Default {_paper(PAPER_ALPHA)} (the paper's sweep)."),
-    beta_range: Optional[str] = typer.Option(None, "--beta-range", metavar="LOW,HIGH",
-                                             help=f"Default {_paper(PAPER_BETA)}."),
-    theta_min_range: Optional[str] = typer.Option(None, "--theta-min-range", metavar="LOW,HIGH",
-                                                  help=f"Default {_paper(PAPER_THETA_MIN)}."),
-    step: float = typer.Option(PAPER_STEP, "--step", help="Grid step of alpha, beta and theta_min."),
+    split_layer: Optional[int] = ranges.SPLIT_LAYER,
+    search_split_layer: bool = ranges.SEARCH_SPLIT_LAYER,
+    paper_ranges: bool = ranges.PAPER_RANGES,
+    alpha_range: Optional[str] = ranges.ALPHA_RANGE,
+    beta_range: Optional[str] = ranges.BETA_RANGE,
+    theta_min_range: Optional[str] = ranges.THETA_MIN_RANGE,
+    step: Optional[float] = ranges.STEP,
     storage: Optional[str] = typer.Option(None, "--storage", metavar="URL|FILE",
                                           help="Keep trials in an RDB (sqlite:///calib.db, postgresql://...) or an "
                                                "Optuna journal file, to resume or to search with several processes."),
@@ -86,25 +71,25 @@ def command(
     """Find ATM's alpha, beta, theta_min for a GFLOPs budget, or the cheapest with no top-1 drop, as a preset."""
     import optuna
 
-    from atm_cli.calibration import CalibrationRequest, SearchSpace, calibrate
+    from atm_cli.calibration import CalibrationRequest, SearchInterrupted, calibrate
 
-    space = SearchSpace(alpha=_range(alpha_range, "--alpha-range", PAPER_ALPHA),
-                        beta=_range(beta_range, "--beta-range", PAPER_BETA),
-                        theta_min=_range(theta_min_range, "--theta-min-range", PAPER_THETA_MIN),
-                        step=step, split_layer=split_layer, search_split_layer=search_split_layer)
+    space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step, split_layer,
+                               search_split_layer)
     request = CalibrationRequest(
         model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
         data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
-        no_drop=no_drop, tolerance=tolerance, n_trials=n_trials, timeout=timeout, seed=seed, space=space,
-        batch_size=batch_size, workers=workers, device=device, precision=precision, storage=storage,
-        study_name=study_name, out=out)
+        no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, n_trials=n_trials, timeout=timeout,
+        seed=seed, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
+        storage=storage, study_name=study_name, out=out)
     request.check()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar below reports every trial
+    # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     console = Console(stderr=True)
     request.model = options.resolve_model(console, model)
     if storage is not None and study_name is None:
-        goal = "no-drop" if no_drop else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
+        goal = "no-drop" if no_drop else f"agreement-{min_agreement}" if min_agreement is not None else \
+            f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
         request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
@@ -115,15 +100,17 @@ def command(
 
             def on_trial(event: TrialEvent) -> None:
                 best = event.best
-                text = f"best: {best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
+                scored = f"{best.top1:.2f}% top-1, " if best and min_agreement is None else ""
+                text = f"best: {scored}{best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
                 bar.update(task, description=f"trial {event.trial.number}", completed=event.done, best=text)
 
             report = calibrate(request, on_trial=on_trial,
                                on_stage=lambda message: bar.update(task, description=message))
-    except KeyboardInterrupt:
-        kept = f"finished trials are kept in {storage} (study {study_name}); run the same command to resume" \
-            if storage else "nothing was kept (no --storage)"
-        console.print(f"interrupted: {kept}", highlight=False)
+    except KeyboardInterrupt as interrupt:
+        trials = interrupt.kept if isinstance(interrupt, SearchInterrupted) else 0
+        kept = f"{trials} finished trials are kept in {storage} (study {study_name}); run the same command to " \
+               "resume" if storage else "nothing was kept (no --storage)"
+        console.print(f"interrupted: {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(options.INTERRUPTED_EXIT_CODE) from None
 
     result = report.to_dict()
@@ -141,25 +128,46 @@ def _table(report: CalibrationReport, result: dict) -> Table:
     table.add_column("ATM", justify="right")
     table.add_column("unmerged", justify="right")
     params = result["params"]
-    split = params["split_layer"] if params["split_layer"] is not None else "default"
+    split = params["split_layer"] if params.get("split_layer") is not None else "default"
     table.add_row("alpha / beta / theta_min", f"{params['alpha']:g} / {params['beta']:g} / {params['theta_min']:g}", "")
     table.add_row("split layer", str(split), "")
-    table.add_row(f"top-1 % ({r.n_images} images)", f"{r.top1:.2f}", f"{r.baseline_top1:.2f}")
-    table.add_row("top-5 %", f"{r.top5:.2f}", f"{r.baseline_top5:.2f}")
+    table.add_row(f"top-1 % ({r.n_images} images)", _percent(r.top1), _percent(r.baseline_top1))
+    table.add_row("agreement with unmerged top-1 %", f"{r.agreement:.2f}", "")
+    table.add_row("top-5 %", _percent(r.top5), _percent(r.baseline_top5))
     table.add_row("GFLOPs / image", f"{r.gflops:.4g} ({-result['gflops_reduction']:+.1f}%)", f"{r.baseline_gflops:.4g}")
     if not report.shared_images:
         t = report.tuning
-        table.add_row(f"tuning top-1 % ({t.n_images} images)", f"{t.top1:.2f}", f"{t.baseline_top1:.2f}")
+        table.add_row(f"tuning top-1 % ({t.n_images} images)", _percent(t.top1), _percent(t.baseline_top1))
+        table.add_row("tuning agreement %", _percent(t.agreement), "")
         table.add_row("tuning GFLOPs / image", f"{t.gflops:.4g}", f"{t.baseline_gflops:.4g}")
     return table
 
 
+def _percent(value: Optional[float]) -> str:
+    return "no labels" if value is None else f"{value:.2f}"
+
+
 def _print_notes(console: Console, report: CalibrationReport, result: dict) -> None:
-    share = 100.0 * result["forward_passes"] / result["naive_forward_passes"] if result["naive_forward_passes"] else 0
-    console.print(f"search: {result['trials_run']} trials here ({result['trials_pruned']} pruned, "
-                  f"{result['trials_repeated']} repeating an earlier setting, in the study), "
-                  f"{result['forward_passes']} images through the model vs {result['naive_forward_passes']} for a "
-                  f"naive search ({share:.0f}%)", highlight=False)
+    naive = result["naive_forward_passes"]
+    share = 100.0 * result["study_forward_passes"] / naive if naive else 0
+    console.print(f"search: {result['n_trials']} trials in the study, {result['trials_run']} run here "
+                  f"({result['trials_pruned']} pruned, {result['trials_repeated']} repeating an earlier setting, in "
+                  f"the study); the study ran {result['study_forward_passes']} images through the model vs {naive} "
+                  f"for a naive search ({share:.0f}%), this process {result['forward_passes']}", highlight=False)
+    space = report.result.space
+    console.print(f"ranges: alpha {space.alpha[0]:g}-{space.alpha[1]:g}, beta {space.beta[0]:g}-{space.beta[1]:g}, "
+                  f"theta_min {space.theta_min[0]:g}-{space.theta_min[1]:g} (step {space.step:g}), {space.origin}",
+                  highlight=False)
+    if report.constant is not None:
+        console.print(f"seeded with the constant threshold {report.constant.alpha:g} (alpha = theta_min, beta = 0)",
+                      highlight=False)
+    chosen, argmax = report.result.best, report.result.argmax
+    if argmax is not None and chosen.number != argmax.number:
+        console.print(f"chose trial {chosen.number} ({chosen.gflops:.4g} GFLOPs on the tuning images) over the plain "
+                      f"best on them, trial {argmax.number} ({argmax.gflops:.4g} GFLOPs): the paired test does not "
+                      "tell them apart", highlight=False)
+    if report.budget_note:
+        console.print(f"note: {report.budget_note}", highlight=False)
     if report.reachable_gflops:
         low, high = report.reachable_gflops
         console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)

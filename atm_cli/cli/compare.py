@@ -11,6 +11,7 @@ from rich.table import Table
 from atm_cli.paper import BUDGETS
 
 from . import model_data as options
+from . import ranges
 
 if TYPE_CHECKING:
     from atm_cli.analysis.compare import CompareReport
@@ -27,6 +28,11 @@ def command(
                                 help="GFLOPs budgets in percent of the unmerged model's, comma-separated."),
     n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: calibration trials per budget."),
     plot: Optional[Path] = options.plot_option("top-1 against GFLOPs"),
+    paper_ranges: bool = ranges.PAPER_RANGES,
+    alpha_range: Optional[str] = ranges.ALPHA_RANGE,
+    beta_range: Optional[str] = ranges.BETA_RANGE,
+    theta_min_range: Optional[str] = ranges.THETA_MIN_RANGE,
+    step: Optional[float] = ranges.STEP,
     batch_size: int = options.BATCH_SIZE,
     limit: Optional[int] = options.LIMIT,
     seed: int = options.SEED,
@@ -37,7 +43,8 @@ def command(
     """Top-1 of each method at each GFLOPs budget, all on the same batches.
 
     ToMe and the Fig. 5 schedules take the least merging that fits the budget.
-    ATM takes the calibration search's best top-1 within it.
+    ATM takes the calibration search's best top-1 within it (ranges measured from the model unless
+    given), seeded with the constant threshold's point.
     """
     import optuna
 
@@ -45,6 +52,7 @@ def command(
     from atm_cli.evaluation import DEMO_EVAL_DATA
 
     names = options.methods_list(methods)
+    space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step)
     shares = [value / 100.0 for value in options.floats_list(budgets, "--budgets")]
     options.check_plot(plot)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
@@ -52,7 +60,7 @@ def command(
     prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
-        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, progress=progress,
+        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, ranges=space, progress=progress,
                          keep_partial=True)
     options.finish(console, compare_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
                    lambda path: plot_compare(report, path),
@@ -73,6 +81,6 @@ def compare_table(report: CompareReport, model: str) -> Table:
             if point is None:
                 cells.append("not run (interrupted)")
             else:
-                cells.append("out of reach" if point.top1 is None else f"{point.top1:.2f} ({point.gflops:.3g})")
+                cells.append("no setting passed" if not point.passed else f"{point.top1:.2f} ({point.gflops:.3g})")
         table.add_row(method, *cells)
     return table

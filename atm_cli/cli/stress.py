@@ -6,9 +6,12 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from . import model_data as options
+from . import ranges
 
 if TYPE_CHECKING:
     from atm_cli.analysis.stress import StressReport
@@ -24,6 +27,11 @@ def command(
     tolerance: float = typer.Option(0.0, "--tolerance", min=0.0,
                                     help="Allowed top-1 drop in percentage points (0: no drop at all)."),
     n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: trials of the calibration search."),
+    paper_ranges: bool = ranges.PAPER_RANGES,
+    alpha_range: Optional[str] = ranges.ALPHA_RANGE,
+    beta_range: Optional[str] = ranges.BETA_RANGE,
+    theta_min_range: Optional[str] = ranges.THETA_MIN_RANGE,
+    step: Optional[float] = ranges.STEP,
     batch_size: int = options.BATCH_SIZE,
     limit: Optional[int] = options.LIMIT,
     seed: int = options.SEED,
@@ -33,9 +41,10 @@ def command(
 ) -> None:
     """The largest GFLOPs saving each method reaches with top-1 >= the unmerged model's minus the tolerance.
 
-    ATM: the calibration search in no-drop mode (paper's ranges, beta from 0).
-    ToMe and the paper's Fig. 5 schedules (constant threshold, increasing and decreasing top-r):
-    the step r of their ladder, found by a galloping search, such that r passes and r + 1 fails.
+    ATM: the calibration search in no-drop mode, in ranges measured from the model (or the flags'),
+    seeded with the constant threshold that passed.
+    The other methods and the paper's Fig. 5 schedules (constant threshold, increasing and decreasing
+    top-r): the step of their ladder, found by a galloping search, that passes while the next fails.
     Every method sees the same batches. The settings are chosen on these images: re-check them on others.
     """
     import optuna
@@ -44,15 +53,17 @@ def command(
     from atm_cli.evaluation import DEMO_EVAL_DATA
 
     names = options.methods_list(methods)
+    space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
     prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "stress test (methods)") as progress:
-        report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, progress=progress,
+        report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, ranges=space, progress=progress,
                         keep_partial=True)
     done = ", ".join(result.method for result in report.methods) or "none"
-    options.finish(console, stress_table(report, prepared.loaded.name), report.to_dict(), json_output,
+    table, note = stress_table(report, prepared.loaded.name), savings_note(report)
+    options.finish(console, Group(table, Text(note)) if note else table, report.to_dict(), json_output,
                    interrupted=f"methods finished before it: {done}" if report.interrupted else None)
 
 
@@ -63,7 +74,26 @@ def stress_table(report: StressReport, model: str) -> Table:
         table.add_column(column, justify=justify)
     table.add_row("unmerged", f"{report.baseline_top1:.2f}", f"{report.baseline_gflops:.4g}", "")
     for result in report.methods:
+        if not result.passed:
+            table.add_row(result.method, "no setting passed", "", "")
+            continue
         change = 100.0 * (result.gflops / report.baseline_gflops - 1.0)
-        setting = ", ".join(f"{k}={v}" for k, v in result.params.items() if k not in ("schedule", "prop_attn"))
+        setting = ", ".join(f"{k}={v}" for k, v in result.params.items()
+                            if k not in ("schedule", "prop_attn", "block_thresholds", "prefix_only_last_block"))
         table.add_row(result.method, f"{result.top1:.2f}", f"{result.gflops:.4g} ({change:+.0f}%)", setting)
     return table
+
+
+def savings_note(report: StressReport) -> str | None:
+    """Where another method saves more than ATM, said plainly (None: ATM saves the most, or did not run)."""
+    atm = next((r for r in report.methods if r.method == "atm"), None)
+    if atm is None:
+        return None
+    passed = [r for r in report.methods if r.passed and r.method != "atm"]
+    more = [r for r in passed if not atm.passed or r.gflops < atm.gflops]
+    if not more:
+        return None
+    mine = f"{atm.gflops:.4g} GFLOPs" if atm.passed else "no setting passed"
+    return "saves more than ATM here: " + ", ".join(
+        f"{r.method} ({r.gflops:.4g} GFLOPs, {100.0 * (r.gflops / report.baseline_gflops - 1.0):+.0f}%)"
+        for r in sorted(more, key=lambda r: r.gflops)) + f"; ATM: {mine}"

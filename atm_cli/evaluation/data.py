@@ -20,6 +20,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from atm_cli.errors import RunError, UsageError
 
@@ -42,6 +43,7 @@ class ImageSet:
     strict: bool = False
     n_files: int = 0
     skipped_files: dict[str, str] = field(default_factory=dict)  # relative path -> why it was unreadable
+    labelled: bool = True  # False: images at any depth, every label UNLABELLED (label-free goals only)
 
     @property
     def skipped(self) -> int:
@@ -69,6 +71,40 @@ def _folder_and_index(dataset: Dataset, index: int) -> tuple[ImageFolder, int]:
     if isinstance(dataset, Subset):
         return _folder_and_index(dataset.dataset, dataset.indices[index])
     return dataset, index
+
+
+UNLABELLED = -1  # the label of an image from an unlabelled folder: no class index matches it
+
+
+class _Unlabelled(Dataset):
+    """Every image file under a folder, at any depth, in path order, each labelled UNLABELLED."""
+
+    def __init__(self, root: Path, transform):
+        self.samples = [(str(path), UNLABELLED) for path in sorted(root.rglob("*"))
+                        if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.transform(default_loader(self.samples[index][0])), UNLABELLED
+
+
+def load_unlabelled_images(root: str | Path, loaded: LoadedModel, limit: int | None = None, seed: int = 0) -> ImageSet:
+    """Every image under `root`, at any depth, with no labels (for goals that compare with the unmerged model)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    images = _Unlabelled(root, create_transform(**loaded.data_config, is_training=False))
+    if not images.samples:
+        raise UsageError(f"data folder {root} has no images ({', '.join(IMG_EXTENSIONS)})")
+    selected = list(range(len(images.samples)))
+    if limit is not None:
+        selected = _balanced_subset([UNLABELLED] * len(selected), limit, seed)
+    return ImageSet(dataset=Subset(images, selected) if limit is not None else images, root=root,
+                    fingerprint=_fingerprint(root, [images.samples[i] for i in selected], {UNLABELLED: UNLABELLED}),
+                    class_to_model_index={}, n_files=len(selected), labelled=False)
 
 
 def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Path | None = None,

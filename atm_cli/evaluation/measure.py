@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
-from timm.utils import accuracy
 from torch import Tensor
 
 from atm_cli.engine import MethodConfig, last_trace, merging, patch, unpatch
@@ -15,81 +13,9 @@ from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
 from .models import LoadedModel, autocast
+from .outcomes import BatchOutcome, Outcomes, agreement
 
 Progress = Callable[[int, int], None]
-
-
-class Forward(NamedTuple):
-    """One batch through the model."""
-
-    logits: Tensor
-    gflops: float  # per image
-    tokens: tuple[int, ...]  # entering each block
-    seconds: float  # model time, synchronised
-    tokens_left: int  # leaving the last block
-
-
-@dataclass
-class BatchRun:
-    """Per-batch results of one method on a sequence of batches; totals as properties."""
-
-    batch_sizes: list[int] = field(default_factory=list)
-    correct1: list[int] = field(default_factory=list)
-    correct5: list[int] = field(default_factory=list)
-    batch_gflops: list[float] = field(default_factory=list)  # GFLOPs per image of each batch
-    batch_tokens: list[tuple[int, ...]] = field(default_factory=list)  # tokens entering each block
-    batch_tokens_left: list[int] = field(default_factory=list)  # tokens leaving the last block
-    batch_predictions: list[Tensor] = field(default_factory=list)  # top-1 class of each image (CPU)
-
-    @property
-    def n_images(self) -> int:
-        return sum(self.batch_sizes)
-
-    @property
-    def top1(self) -> float:
-        """Percent, as timm reports it."""
-        return 100.0 * sum(self.correct1) / self.n_images
-
-    @property
-    def top5(self) -> float:
-        return 100.0 * sum(self.correct5) / self.n_images
-
-    @property
-    def gflops(self) -> float:
-        """GFLOPs per image over all batches: the batch-size-weighted mean (batches differ under ATM)."""
-        return sum(n * g for n, g in zip(self.batch_sizes, self.batch_gflops)) / self.n_images
-
-    @property
-    def tokens_per_layer(self) -> list[float]:
-        """Mean tokens entering each block, weighted by batch size."""
-        return [sum(n * tokens[block] for n, tokens in zip(self.batch_sizes, self.batch_tokens)) / self.n_images
-                for block in range(len(self.batch_tokens[0]))]
-
-    @property
-    def tokens_left(self) -> float:
-        """Mean tokens leaving the last block (with `tokens_per_layer`: what each block merged)."""
-        return sum(n * left for n, left in zip(self.batch_sizes, self.batch_tokens_left)) / self.n_images
-
-    @property
-    def predictions(self) -> Tensor:
-        return torch.cat(self.batch_predictions)
-
-    def keep_first(self, n_batches: int) -> None:
-        for f in fields(self):
-            del getattr(self, f.name)[n_batches:]
-
-    def add(self, forward: Forward, labels: Tensor) -> None:
-        logits = forward.logits
-        top1, top5 = accuracy(logits.float(), labels.to(logits.device), topk=(1, 5))
-        n = len(labels)
-        # timm returns percentages of the batch; counts keep totals exact across batches of any size.
-        self.batch_sizes.append(n)
-        self.correct1.append(round(top1.item() * n / 100))
-        self.correct5.append(round(top5.item() * n / 100))
-        self.batch_gflops.append(forward.gflops)
-        self.batch_tokens.append(forward.tokens)
-        self.batch_tokens_left.append(forward.tokens_left)
-        self.batch_predictions.append(logits.argmax(dim=1).cpu())
 
 
 def describe_method(method: MethodConfig | None) -> tuple[str, dict]:
@@ -114,29 +40,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward(loaded: LoadedModel, images: Tensor, merged: bool) -> Forward:
-    """One batch through `loaded.model` as it is now (patched when `merged`), at the model's precision."""
+def measure_batch(loaded: LoadedModel, images: Tensor, labels: Tensor, merged: bool) -> tuple[BatchOutcome, float]:
+    """One batch through `loaded.model` as it is now (patched when `merged`), at the model's precision: its
+    outcome and the model's time in seconds (synchronised)."""
     _synchronize(loaded.device)
     started = time.perf_counter()
     with torch.inference_mode(), autocast(loaded):
         logits = loaded.model(images.to(loaded.device, non_blocking=True))
     _synchronize(loaded.device)
     seconds = time.perf_counter() - started
-    if not merged:
-        return Forward(logits, loaded.unmerged_gflops, loaded.unmerged_tokens, seconds, loaded.unmerged_tokens[-1])
-    trace = last_trace(loaded.model)
-    return Forward(logits, trace.gflops, tuple(trace.tokens[:-1]), seconds, trace.tokens[-1])
+    if merged:
+        trace = last_trace(loaded.model)
+        gflops, tokens, tokens_left = trace.gflops, tuple(trace.tokens[:-1]), trace.tokens[-1]
+    else:
+        gflops, tokens, tokens_left = loaded.unmerged_gflops, loaded.unmerged_tokens, loaded.unmerged_tokens[-1]
+    labels = labels.to(logits.device)
+    top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+    predictions = top5[:, 0]
+    outcome = BatchOutcome(correct=(predictions == labels).cpu().numpy(), predictions=predictions.cpu().numpy(),
+                           correct5=int((top5 == labels[:, None]).any(dim=1).sum().item()), gflops=gflops,
+                           tokens=tuple(tokens), tokens_left=tokens_left)
+    return outcome, seconds
 
 
 def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MethodConfig | None = None,
-                max_batches: int | None = None, progress: Progress | None = None) -> BatchRun:
+                max_batches: int | None = None, progress: Progress | None = None) -> Outcomes:
     """Run `method` (None: the unmerged model) on the batches, the first `max_batches` of them if given."""
     check_method(loaded, method)
     batches = list(batches) if max_batches is None else list(batches)[:max_batches]
-    run = BatchRun()
+    run = Outcomes()
     with merging(loaded.model, method):
         for done, (images, labels) in enumerate(batches, start=1):
-            run.add(_forward(loaded, images, method is not None), labels)
+            run.add(measure_batch(loaded, images, labels, method is not None)[0])
             if progress is not None:
                 progress(done, len(batches))
     return run
@@ -158,8 +93,8 @@ class EvalReport:
     data: str
     data_fingerprint: str
     skipped_images: int
-    merged: BatchRun
-    baseline: BatchRun
+    merged: Outcomes
+    baseline: Outcomes
     model_seconds: float  # the method's forward passes, synchronised, after warm-up
     baseline_model_seconds: float
     end_to_end_seconds: float  # the pass's wall time without the unmerged model's forward passes
@@ -169,8 +104,7 @@ class EvalReport:
     @property
     def agreement(self) -> float:
         """Percent of images where the method's top-1 class equals the unmerged model's."""
-        same = (self.merged.predictions == self.baseline.predictions).sum().item()
-        return 100.0 * same / self.merged.n_images
+        return agreement(self.merged, self.baseline)
 
     def to_dict(self) -> dict:
         n = self.merged.n_images
@@ -220,38 +154,38 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
     """
     check_method(loaded, method)
     loader = make_loader(images, batch_size, workers, loaded.device)
-    merged, baseline = BatchRun(), BatchRun()
+    merged, baseline = Outcomes(), Outcomes()
     model_seconds = baseline_seconds = excluded_seconds = 0.0
     total = len(images.dataset)
     started = time.perf_counter()
     with Interruptible(keep_partial) as stop:
         for images_batch, labels in iterate_batches(images, loader):
             images_batch = images_batch.to(loaded.device, non_blocking=True)
-            if not baseline.batch_sizes:
+            if not len(baseline):
                 warm_up_started = time.perf_counter()
-                _forward(loaded, images_batch, merged=False)
+                measure_batch(loaded, images_batch, labels, merged=False)
                 with merging(loaded.model, method):
-                    _forward(loaded, images_batch, merged=method is not None)
+                    measure_batch(loaded, images_batch, labels, merged=method is not None)
                 excluded_seconds += time.perf_counter() - warm_up_started
-            unmerged = _forward(loaded, images_batch, merged=False)
-            baseline_seconds += unmerged.seconds
+            unmerged, seconds = measure_batch(loaded, images_batch, labels, merged=False)
+            baseline_seconds += seconds
             if method is None:
-                merged_forward = unmerged
+                merged_outcome = unmerged
             else:
-                excluded_seconds += unmerged.seconds
+                excluded_seconds += seconds
                 with merging(loaded.model, method):
-                    merged_forward = _forward(loaded, images_batch, merged=True)
-            model_seconds += merged_forward.seconds
+                    merged_outcome, seconds = measure_batch(loaded, images_batch, labels, merged=True)
+            model_seconds += seconds
             # Both runs take the batch together, so an interrupted pass compares the same images.
-            baseline.add(unmerged, labels)
-            merged.add(merged_forward, labels)
+            baseline.add(unmerged)
+            merged.add(merged_outcome)
             if progress is not None:
                 progress(merged.n_images + images.skipped, total)
     if stop.interrupted:
-        if not merged.batch_sizes:
+        if not len(merged):
             raise KeyboardInterrupt  # nothing measured to report
-        baseline.keep_first(len(merged.batch_sizes))  # the interrupt may fall between the two adds
-    if not merged.batch_sizes:
+        baseline = baseline.first(len(merged))  # the interrupt may fall between the two adds
+    if not len(merged):
         raise UsageError(f"no readable image in {images.root} ({images.skipped} unreadable)")
     name, params = describe_method(method)
     return EvalReport(

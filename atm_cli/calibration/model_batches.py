@@ -1,0 +1,69 @@
+"""The model side of a search: a loaded model on preloaded batches, and the search space measured from it."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from atm_cli.engine import ATMConfig
+from atm_cli.evaluation import BatchOutcome, LoadedModel, Outcomes, run_batches
+from atm_cli.evaluation.similarity import best_match_similarities
+
+from .space import SearchSpace, measured_space
+
+Batches = Sequence[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class ModelBatches:
+    """A loaded model on preloaded batches: the BatchSource the search runs."""
+
+    loaded: LoadedModel
+    batches: Batches
+
+    @property
+    def depth(self) -> int:
+        return len(self.loaded.model.blocks)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
+        return run_batches(self.loaded, [self.batches[index]], config).batches[0]
+
+    def run_all(self, config: ATMConfig | None) -> Outcomes:
+        return run_batches(self.loaded, self.batches, config)
+
+
+@dataclass(frozen=True)
+class RangeFlags:
+    """The search-range flags as given (None: not given): measured ranges unless `paper`, flags override."""
+
+    paper: bool = False
+    alpha: tuple[float, float] | None = None
+    beta: tuple[float, float] | None = None
+    theta_min: tuple[float, float] | None = None
+    step: float | None = None
+    split_layer: int | None = None
+    search_split_layer: bool = False
+
+    @property
+    def measures(self) -> bool:
+        """Whether the ranges come from a pass of the unmerged model (not the paper's, nor all given by flags)."""
+        return not self.paper and None in (self.alpha, self.beta, self.theta_min, self.step)
+
+    def resolve(self, source: ModelBatches) -> SearchSpace:
+        """The space for this model: validated here, once (the boundary every search goes through)."""
+        if not self.measures:
+            base = SearchSpace(split_layer=self.split_layer, search_split_layer=self.search_split_layer)
+        else:
+            images = source.batches[0][0]
+            model = source.loaded.model
+            mergeable = (source.loaded.unmerged_tokens[0] - model.num_prefix_tokens) // 2
+            base = measured_space(best_match_similarities(source.loaded, images), len(images), mergeable,
+                                  source.depth, self.split_layer, self.search_split_layer)
+        space = base.overridden(self.alpha, self.beta, self.theta_min, self.step)
+        space.validate(source.depth)
+        return space

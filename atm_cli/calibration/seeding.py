@@ -1,0 +1,92 @@
+"""Before the trials: what GFLOPs the space reaches, and the constant threshold that meets the goal.
+
+A constant threshold is ATM with beta = 0 (alpha = theta_min = t), so the search's family holds
+it; seeded as a trial, it makes ATM's result never worse than the constant found on the same
+images. Along the space's constants (from the least merging down) GFLOPs fall, so for a budget
+the constant is found by bisection on the GFLOPs of the first batches (they settle on a batch or
+two); for a top-1 floor by bisection on whether the trial meets it, each step a trial of the study.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+
+from atm_cli.engine import ATMConfig
+from atm_cli.errors import UsageError
+from atm_cli.evaluation import Outcomes
+
+from .search import GFLOPS_SLACK, BatchSource, Search, TrialEvent
+from .space import SearchSpace
+
+FLOOR_LADDER = 32  # the constants a floor's bisection chooses among (about five trials)
+
+
+def first_batches(source: BatchSource, config: ATMConfig, n_batches: int) -> Outcomes:
+    return Outcomes([source.run(config, index) for index in range(min(n_batches, source.n_batches))])
+
+
+def reachable_gflops(source: BatchSource, space: SearchSpace, n_batches: int = 1) -> tuple[float, float, int]:
+    """GFLOPs of the most- and least-merging settings in `space` on the first batches, and images run."""
+    space.validate(source.depth)
+    runs = [first_batches(source, config, n_batches) for config in space.extremes()]
+    return runs[0].gflops, runs[1].gflops, sum(run.n_images for run in runs)
+
+
+def check_budget(target_gflops: float, baseline_gflops: float, reachable: tuple[float, float] | None = None) -> None:
+    """Refuse a budget the search cannot meet, naming the range it can (once `reachable` is known)."""
+    if target_gflops >= baseline_gflops:
+        raise UsageError(f"the budget {target_gflops:.4g} GFLOPs is not below the unmerged model's "
+                         f"{baseline_gflops:.4g} GFLOPs: nothing to search")
+    if reachable is None:
+        return
+    low, high = reachable
+    if target_gflops < low * (1 - GFLOPS_SLACK):
+        raise UsageError(f"the budget {target_gflops:.4g} GFLOPs is below what any setting in range reaches: "
+                         f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. --theta-min-range)")
+
+
+def constant_for_budget(source: BatchSource, space: SearchSpace, budget_gflops: float, n_batches: int = 2,
+                        known: dict[float, float] | None = None) -> tuple[ATMConfig | None, int]:
+    """The least-merging constant threshold of the space within the budget on the first batches (None: none
+    is), and the images run to find it; `known` keeps each constant's GFLOPs on those batches between calls."""
+    constants, images = space.constants(source.depth), 0
+    estimates = {} if known is None else known
+
+    def gflops(index: int) -> float:
+        nonlocal images
+        if constants[index] not in estimates:
+            run = first_batches(source, space.constant(constants[index]), n_batches)
+            estimates[constants[index]], images = run.gflops, images + run.n_images
+        return estimates[constants[index]]
+
+    if not constants or gflops(len(constants) - 1) > budget_gflops:
+        return None, images
+    over, fits = -1, len(constants) - 1  # constants[over] exceeds the budget (-1: the unmerged model)
+    while fits - over > 1:
+        middle = (over + fits) // 2
+        if gflops(middle) <= budget_gflops:
+            fits = middle
+        else:
+            over = middle
+    return space.constant(constants[fits]), images
+
+
+def constant_for_floor(search: Search, study: optuna.Study, n_trials: int,
+                       on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
+    """The most-merging constant threshold that met the goal's floor, by bisection over up to FLOOR_LADDER of
+    the space's constants, each step a trial of the study (None: none did, or the study is full)."""
+    constants = search.space.constants(search.source.depth)
+    stride = max(1, len(constants) // FLOOR_LADDER)
+    ladder = [search.space.constant(t) for t in constants[::stride]]
+    passed, failed, best = -1, len(ladder), None  # the least-merging constant is taken to pass untried
+    while failed - passed > 1:
+        middle = (passed + failed) // 2
+        trial = search.try_setting(study, ladder[middle], n_trials, on_trial)
+        if trial is None:
+            break
+        if trial.state == "complete" and trial.feasible:
+            passed, best = middle, ladder[middle]
+        else:
+            failed = middle
+    return best
