@@ -9,7 +9,7 @@ import torch
 from timm.layers import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, threshold_schedule, tome_schedule, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, Trace, last_trace, merging, patch, threshold_schedule, tome_schedule, unpatch
 from atm_cli.engine.attention import attention_with_sizes
 from atm_cli.engine.merge import (Matching, adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted,
                                   size_distinctive_split)
@@ -147,18 +147,23 @@ def test_unmerged_gflops_match_the_papers_baselines(name, gflops):
     assert last_trace(model).gflops == pytest.approx(gflops, abs=0.002)
 
 
-@pytest.mark.parametrize("config", [ToMeConfig(r=13), ATMConfig(alpha=0.9, beta=0.05, theta_min=0.6)])
 @torch.no_grad()
-def test_merged_gflops_match_torch_flop_counter(config, images):
+def engine_and_counter_gflops(config, images) -> tuple[Trace, float]:
+    """DeiT-S reducing by `config`: the engine's trace, and GFLOPs per image as torch's FLOP counter sees them."""
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     for block in model.blocks:  # the counter sees the two attention products only when they are unfused
         block.attn.fused_attn = False
-    patch(model, config)
-    with FlopCounterMode(display=False) as counter:
+    with merging(model, config), FlopCounterMode(display=False) as counter:
         model(images)
-    assert last_trace(model).tokens[-1] < 197
-    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+        trace = last_trace(model)
+    return trace, counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
+
+
+@pytest.mark.parametrize("config", [ToMeConfig(r=13), ATMConfig(alpha=0.9, beta=0.05, theta_min=0.6)])
+def test_merged_gflops_match_torch_flop_counter(config, images):
+    trace, independent = engine_and_counter_gflops(config, images)
+    assert trace.tokens[-1] < 197
+    assert trace.gflops == pytest.approx(independent, rel=0.01)
 
 
 # --- hand-built cases -------------------------------------------------------------------------------------------

@@ -4,14 +4,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from atm_cli.engine import EViTConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.evit import keep_and_fuse
 from atm_cli.presets import load_preset, save_preset
 
 from conftest import make_tiny_vit
-from test_engine import build
+from test_engine import build, engine_and_counter_gflops
 from test_presets import a_preset
 
 
@@ -115,17 +114,10 @@ def test_knob_reduces_nothing_at_step_zero_and_more_at_each_step(images):
 
 
 @pytest.mark.parametrize("config", [EViTConfig(), EViTConfig(keep_rate=0.5, blocks=[0, 4, 8], fuse=False)])
-@torch.no_grad()
 def test_gflops_match_torch_flop_counter(config, images):
-    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
-        block.attn.fused_attn = False
-    patch(model, config)
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    assert last_trace(model).tokens[-1] < 197
-    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+    trace, independent = engine_and_counter_gflops(config, images)
+    assert trace.tokens[-1] < 197
+    assert trace.gflops == pytest.approx(independent, rel=0.01)
 
 
 def test_models_without_a_class_token_are_refused():

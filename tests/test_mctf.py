@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from atm_cli.engine import MCTFConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.mctf import bidirectional_merge, fused_attention, multi_criteria_scores
 from atm_cli.presets import load_preset, save_preset
 
-from test_engine import build
+from test_engine import build, engine_and_counter_gflops
 from test_presets import a_preset
 
 
@@ -128,17 +126,10 @@ def test_prefix_tokens_stay_first_and_whole(family, images):
 
 
 @pytest.mark.parametrize("config", [MCTFConfig(), MCTFConfig(r=30, bidirectional=False, blocks=[2, 5])])
-@torch.no_grad()
 def test_gflops_match_torch_flop_counter(config, images):
-    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
-        block.attn.fused_attn = False
-    patch(model, config)
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    assert last_trace(model).tokens[-1] < 197
-    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+    trace, independent = engine_and_counter_gflops(config, images)
+    assert trace.tokens[-1] < 197
+    assert trace.gflops == pytest.approx(independent, rel=0.01)
 
 
 @torch.no_grad()

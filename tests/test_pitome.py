@@ -5,16 +5,14 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from atm_cli.engine import PiToMeConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.base import BlockInput
 from atm_cli.engine.methods.pitome import energy_score, margin_schedule
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build
+from test_engine import FAMILIES, build, engine_and_counter_gflops
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +86,10 @@ def test_ratio_one_matches_unpatched_and_the_default_merges(family, images):
     assert trace.size[:, :model.num_prefix_tokens].eq(1).all()
 
 
-@torch.no_grad()
 def test_merged_gflops_match_torch_flop_counter(images):
-    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
-        block.attn.fused_attn = False
-    patch(model, PiToMeConfig(ratio=0.9))
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    assert last_trace(model).tokens[-1] < 197
-    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+    trace, independent = engine_and_counter_gflops(PiToMeConfig(ratio=0.9), images)
+    assert trace.tokens[-1] < 197
+    assert trace.gflops == pytest.approx(independent, rel=0.01)
 
 
 @torch.no_grad()

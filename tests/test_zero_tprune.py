@@ -4,10 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from timm.layers import Attention
-from torch.utils.flop_counter import FlopCounterMode
 
 from atm_cli.engine import ZeroTPruneConfig, last_trace, method_config, patch
 from atm_cli.engine.attention import attention_with_sizes
@@ -15,7 +13,7 @@ from atm_cli.engine.methods.zero_tprune import (emphasized_importance, iteration
                                                 zero_tprune_keep)
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build
+from test_engine import FAMILIES, build, engine_and_counter_gflops
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +111,10 @@ def test_r_zero_matches_unpatched_and_the_default_prunes_image_tokens_only(famil
     torch.testing.assert_close(trace.source[:, :prefix], torch.eye(prefix, trace.tokens[0]).expand(2, -1, -1))
 
 
-@torch.no_grad()
 def test_pruned_gflops_match_torch_flop_counter(images):
-    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
-        block.attn.fused_attn = False
-    patch(model, ZeroTPruneConfig(r=11))
-    with FlopCounterMode(display=False) as counter:
-        model(images)
-    assert last_trace(model).tokens[-1] == 197 - 12 * 11
-    independent = counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-    assert last_trace(model).gflops == pytest.approx(independent, rel=0.01)
+    trace, independent = engine_and_counter_gflops(ZeroTPruneConfig(r=11), images)
+    assert trace.tokens[-1] == 197 - 12 * 11
+    assert trace.gflops == pytest.approx(independent, rel=0.01)
 
 
 @torch.no_grad()

@@ -19,28 +19,16 @@ from ..errors import Interruptible, UsageError
 from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
-from .stress import METHODS, Batches, Ladder, check_methods, ladders
+from .stress import METHODS, Batches, ChosenSetting, Ladder, check_methods, ladders
 
 
 @dataclass
-class ComparePoint:
+class ComparePoint(ChosenSetting):
     method: str
     budget: float  # share of the unmerged GFLOPs
     budget_gflops: float
     chosen: Outcomes | None  # None: no setting of this method fits the budget
     params: dict | None
-
-    @property
-    def passed(self) -> bool:
-        return self.chosen is not None
-
-    @property
-    def top1(self) -> float | None:
-        return self.chosen.top1 if self.chosen else None
-
-    @property
-    def gflops(self) -> float | None:
-        return self.chosen.gflops if self.chosen else None
 
     def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,

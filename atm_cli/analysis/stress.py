@@ -99,14 +99,10 @@ class Trial:
                 "n_images": self.n_images}
 
 
-@dataclass
-class MethodResult:
-    method: str
-    description: str
-    chosen: Outcomes | None  # the largest saving that passed (None: no setting that reduces anything passed)
-    params: dict | None
-    trials: list[Trial] = field(default_factory=list)
-    forward_passes: int = 0  # images run through the model for this method, stopped trials included
+class ChosenSetting:
+    """A method's answer: the chosen setting's outcomes, or None when no setting passed."""
+
+    chosen: Outcomes | None
 
     @property
     def passed(self) -> bool:
@@ -119,6 +115,16 @@ class MethodResult:
     @property
     def gflops(self) -> float | None:
         return self.chosen.gflops if self.chosen else None
+
+
+@dataclass
+class MethodResult(ChosenSetting):
+    method: str
+    description: str
+    chosen: Outcomes | None  # the largest saving that passed (None: no setting that reduces anything passed)
+    params: dict | None
+    trials: list[Trial] = field(default_factory=list)
+    forward_passes: int = 0  # images run through the model for this method, stopped trials included
 
     def to_dict(self, baseline: Outcomes) -> dict:
         change = 100.0 * (self.gflops / baseline.gflops - 1.0) if self.passed else None
