@@ -83,6 +83,7 @@ def test_embedded_default_json_matches_a_direct_computation(tmp_path):
     assert result["baseline_tokens_per_layer"] == [65] * 12  # 8x8 patches and the class token
 
 
+@pytest.mark.slow
 def test_embedded_default_as_a_process():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     process = subprocess.run([sys.executable, "-m", "atm_cli", "eval", "--limit", "64", "--json"],

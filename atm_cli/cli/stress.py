@@ -78,8 +78,9 @@ def stress_table(report: StressReport, model: str) -> Table:
             table.add_row(result.method, "no setting passed", "", "")
             continue
         change = 100.0 * (result.gflops / report.baseline_gflops - 1.0)
+        # The knob's value or the calibrated thresholds; parameters left at their defaults (None, on) go unsaid.
         setting = ", ".join(f"{k}={v}" for k, v in result.params.items()
-                            if k not in ("schedule", "prop_attn", "block_thresholds", "prefix_only_last_block"))
+                            if k not in ("schedule", "prop_attn") and v is not None)
         table.add_row(result.method, f"{result.top1:.2f}", f"{result.gflops:.4g} ({change:+.0f}%)", setting)
     return table
 
