@@ -18,7 +18,7 @@ import torch
 
 from atm_cli.cli.eval import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from atm_cli.cli.method_options import MethodFlags
-from atm_cli.engine import patch, unpatch
+from atm_cli.engine import merging
 from atm_cli.evaluation import DEMO_EVAL_DATA, iterate_batches, load_image_folder, load_model, make_loader
 
 
@@ -50,14 +50,11 @@ def main() -> None:
     loaded = load_model("atm-demo", device=args.device)
     choice = MethodFlags().resolve(loaded.name, loaded.checkpoint_sha256)
     images = load_image_folder(DEMO_EVAL_DATA, loaded)
-    patch(loaded.model, choice.config)
-    try:
+    with merging(loaded.model, choice.config):
         warm_up = next(iter(iterate_batches(images, make_loader(images, args.batch_size, 0, loaded.device))))[0]
         with torch.inference_mode():
             loaded.model(warm_up.to(loaded.device))
         passes = [one_pass(loaded, images, args.batch_size, args.workers) for _ in range(args.repeats)]
-    finally:
-        unpatch(loaded.model)
 
     rows = [{"images": n, "end_to_end_images_per_sec": n / wall, "model_images_per_sec": n / model,
              "ratio": model / wall} for n, wall, model in passes]
