@@ -19,7 +19,7 @@ from ..errors import Interruptible, UsageError
 from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
-from .stress import METHODS, Batches, ChosenSetting, Ladder, check_methods, ladders
+from .stress import METHODS, Batches, ChosenSetting, OnBaseline, Ladder, check_methods, ladders
 
 
 @dataclass
@@ -37,29 +37,13 @@ class ComparePoint(ChosenSetting):
 
 
 @dataclass
-class CompareReport:
+class CompareReport(OnBaseline):
     baseline: Outcomes
     methods: list[str]
     budgets: list[float]
     points: list[ComparePoint]
     space: SearchSpace  # ATM's search space and the constant threshold's grid
     interrupted: bool = False  # stopped early: `points` holds those finished before the interrupt
-
-    @property
-    def baseline_top1(self) -> float:
-        return self.baseline.top1
-
-    @property
-    def baseline_gflops(self) -> float:
-        return self.baseline.gflops
-
-    @property
-    def n_images(self) -> int:
-        return self.baseline.n_images
-
-    @property
-    def batch_size(self) -> int:
-        return self.baseline.batch_sizes[0]
 
     def point(self, method: str, budget: float) -> ComparePoint | None:
         """The method's point at the budget (None: not reached before an interrupt)."""

@@ -134,13 +134,10 @@ class MethodResult(ChosenSetting):
                 "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
 
 
-@dataclass
-class StressReport:
+class OnBaseline:
+    """A report over the unmerged model's run: the figures every report gives of it."""
+
     baseline: Outcomes
-    tolerance: float
-    methods: list[MethodResult]
-    space: SearchSpace  # ATM's search space and the constant threshold's grid
-    interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
 
     @property
     def baseline_top1(self) -> float:
@@ -157,6 +154,15 @@ class StressReport:
     @property
     def batch_size(self) -> int:
         return self.baseline.batch_sizes[0]
+
+
+@dataclass
+class StressReport(OnBaseline):
+    baseline: Outcomes
+    tolerance: float
+    methods: list[MethodResult]
+    space: SearchSpace  # ATM's search space and the constant threshold's grid
+    interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
 
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
