@@ -159,6 +159,18 @@ def engine_and_counter_gflops(config, images) -> tuple[Trace, float]:
     return trace, counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
 
 
+@torch.no_grad()
+def tokens_left_along(knob, steps, images) -> list[int]:
+    """Tokens leaving the last block of a random DeiT-T at each of a method's knob `steps`."""
+    model = build("deit_tiny")
+    left = []
+    for step in steps:
+        with merging(model, knob.config(step)):
+            model(images)
+            left.append(last_trace(model).tokens[-1])
+    return left
+
+
 @pytest.mark.parametrize("config", [ToMeConfig(r=13), ATMConfig(alpha=0.9, beta=0.05, theta_min=0.6)])
 def test_merged_gflops_match_torch_flop_counter(config, images):
     trace, independent = engine_and_counter_gflops(config, images)

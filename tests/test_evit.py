@@ -10,7 +10,7 @@ from atm_cli.engine.methods.evit import keep_and_fuse
 from atm_cli.presets import load_preset, save_preset
 
 from conftest import make_tiny_vit
-from test_engine import build, engine_and_counter_gflops
+from test_engine import build, engine_and_counter_gflops, tokens_left_along
 from test_presets import a_preset
 
 
@@ -104,12 +104,7 @@ def test_keep_rate_one_matches_unpatched(family, images):
 @torch.no_grad()
 def test_knob_reduces_nothing_at_step_zero_and_more_at_each_step(images):
     knob = EViTConfig.knob(12, 196)
-    model = build("deit_tiny")
-    finals = []
-    for step in (0, 1, 6, knob.top):
-        patch(model, knob.config(step))
-        model(images)
-        finals.append(last_trace(model).tokens[-1])
+    finals = tokens_left_along(knob, (0, 1, 6, knob.top), images)
     assert finals[0] == 197 and finals == sorted(finals, reverse=True) and len(set(finals)) == 4
 
 

@@ -8,7 +8,7 @@ from atm_cli.engine import MCTFConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.mctf import bidirectional_merge, fused_attention, multi_criteria_scores
 from atm_cli.presets import load_preset, save_preset
 
-from test_engine import build, engine_and_counter_gflops
+from test_engine import build, engine_and_counter_gflops, tokens_left_along
 from test_presets import a_preset
 
 
@@ -135,12 +135,7 @@ def test_gflops_match_torch_flop_counter(config, images):
 @torch.no_grad()
 def test_knob_fuses_nothing_at_step_zero_and_more_at_each_step(images):
     knob = MCTFConfig.knob(12, 196)
-    model = build("deit_tiny")
-    finals = []
-    for step in (0, 1, 8, knob.top):
-        patch(model, knob.config(step))
-        model(images)
-        finals.append(last_trace(model).tokens[-1])
+    finals = tokens_left_along(knob, (0, 1, 8, knob.top), images)
     assert finals[0] == 197 and finals[1] > finals[2] > finals[3]
 
 

@@ -12,7 +12,7 @@ from atm_cli.engine.methods.base import BlockInput
 from atm_cli.engine.methods.pitome import energy_score, margin_schedule
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build, engine_and_counter_gflops
+from test_engine import FAMILIES, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +94,8 @@ def test_merged_gflops_match_torch_flop_counter(images):
 
 @torch.no_grad()
 def test_knob_step_zero_merges_nothing_and_higher_steps_merge_more(images):
-    model = build("deit_tiny")
     knob = PiToMeConfig.knob(depth=12, image_tokens=196)
-    final_tokens = []
-    for step in (0, 4, knob.top):
-        patch(model, knob.config(step))
-        model(images[:1])
-        final_tokens.append(last_trace(model).tokens[-1])
+    final_tokens = tokens_left_along(knob, (0, 4, knob.top), images[:1])
     assert final_tokens[0] == 197
     assert final_tokens[0] > final_tokens[1] > final_tokens[2]
     assert knob.config(knob.top).ratio == 0.5  # the lowest ratio the method admits

@@ -13,7 +13,7 @@ from atm_cli.engine.methods.zero_tprune import (emphasized_importance, iteration
                                                 zero_tprune_keep)
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build, engine_and_counter_gflops
+from test_engine import FAMILIES, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +119,8 @@ def test_pruned_gflops_match_torch_flop_counter(images):
 
 @torch.no_grad()
 def test_knob_step_zero_prunes_nothing_and_higher_steps_prune_more(images):
-    model = build("deit_tiny")
     knob = ZeroTPruneConfig.knob(depth=12, image_tokens=196)
-    final_tokens = []
-    for step in (0, 4, knob.top):
-        patch(model, knob.config(step))
-        model(images[:1])
-        final_tokens.append(last_trace(model).tokens[-1])
+    final_tokens = tokens_left_along(knob, (0, 4, knob.top), images[:1])
     assert final_tokens[0] == 197
     assert final_tokens[0] > final_tokens[1] > final_tokens[2] >= 1
 
