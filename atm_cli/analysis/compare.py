@@ -10,6 +10,7 @@ seeded with the constant threshold's point at that budget: it never scores below
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,13 +69,8 @@ def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
 
     if estimate(ladder.top) > budget_gflops:
         return None
-    fits, too_much = ladder.top, 0
-    while fits - too_much > 1:
-        middle = (fits + too_much) // 2
-        if estimate(middle) <= budget_gflops:
-            fits = middle
-        else:
-            too_much = middle
+    # The least merging step that fits (the top one does; step 0 merges nothing): GFLOPs fall along a ladder.
+    fits = 1 + bisect.bisect_left(range(1, ladder.top), True, key=lambda step: estimate(step) <= budget_gflops)
     for step in range(fits, ladder.top + 1):
         run = run_batches(loaded, batches, ladder.config(step))
         if run.gflops <= budget_gflops:

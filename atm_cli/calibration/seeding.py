@@ -8,6 +8,7 @@ two); for a top-1 floor by bisection on whether the trial meets it, each step a 
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import optuna
@@ -62,13 +63,8 @@ def constant_for_budget(source: BatchSource, space: SearchSpace, budget_gflops: 
 
     if not constants or gflops(len(constants) - 1) > budget_gflops:
         return None, images
-    over, fits = -1, len(constants) - 1  # constants[over] exceeds the budget (-1: the unmerged model)
-    while fits - over > 1:
-        middle = (over + fits) // 2
-        if gflops(middle) <= budget_gflops:
-            fits = middle
-        else:
-            over = middle
+    # The least merging constant that fits (the last one does): GFLOPs fall along the list.
+    fits = bisect.bisect_left(range(len(constants) - 1), True, key=lambda index: gflops(index) <= budget_gflops)
     return space.constant(constants[fits]), images
 
 
