@@ -1,15 +1,17 @@
 """Engine speed: does a GFLOPs cut become the same wall-clock cut, per model, batch size and precision?
 
     python benchmarks/engine.py [--device cuda] [--models deit_small_patch16_224,deit_base_patch16_224]
-                                [--batch-sizes 1,8,64,256] [--precisions fp32,bf16,fp16] [--json FILE]
+                                [--batch-sizes 1,8,64,256] [--precisions fp32,bf16,fp16] [--compile no|yes|both]
+                                [--json FILE]
 
 The images are the shared ImageNet validation sample: the archive `../shared/data/imagenet-val-sample.tar.gz`
 is unpacked into a temporary folder (or pass `--data` an unpacked folder, e.g. after
 `tar -xzf ../shared/data/imagenet-val-sample.tar.gz -C .cache/`: `--data .cache/imagenet-val-sample`).
 Models have random weights (no pretrained weights on these machines). For each model, batch size and
 precision, the unmerged model, ATM and ToMe (both tuned to about `--reduction` fewer GFLOPs on the first
-batch) run in alternation, batch by batch, so that machine noise hits them alike; images/s is the median
-over rounds, each forward synchronised. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
+batch), each a copy of the model patched once, run in alternation, batch by batch, so that machine noise
+hits them alike; images/s is the median over rounds, each forward synchronised. With `--compile`, the
+copies are also (both) or only (yes) measured through `torch.compile(dynamic=True)`. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
 1.0 when merging costs nothing beyond the FLOPs it saves (issue target on an H100/H200-class GPU: >= 0.9
 at batch >= 64 in bf16 and fp16), and the attention kernels `scaled_dot_product_attention` chose (read off
 the profiler's op names: flash, efficient, cudnn or math).
@@ -17,6 +19,8 @@ the profiler's op names: flash, efficient, cudnn or math).
 from __future__ import annotations
 
 import argparse
+import bisect
+import copy
 import json
 import statistics
 import tarfile
@@ -32,7 +36,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torch.profiler import ProfilerActivity, profile
 from torchvision.datasets import ImageFolder
 
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch
 from atm_cli.evaluation.models import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,27 +66,28 @@ def gflops_of(model: torch.nn.Module, config, batch: torch.Tensor) -> float:
         return last_trace(model).gflops
 
 
+def first_fitting(configs: list, model, batch, target: float):
+    """The first of `configs` (ordered from least to most merging) whose GFLOPs on `batch` reach `target`,
+    by bisection (GFLOPs fall along the list); the last one when none does."""
+    index = bisect.bisect_left(range(len(configs) - 1), True, key=lambda i: gflops_of(model, configs[i], batch) <= target)
+    return configs[index]
+
+
 def atm_for(model, batch, target: float) -> ATMConfig:
     """alpha 1 and the paper's DeiT-S beta, theta_min lowered until GFLOPs reach the target (random weights
     merge differently from trained ones, so the paper's setting does not land at the target here)."""
-    for step in range(200):
-        config = ATMConfig(alpha=1.0, beta=0.045, theta_min=round(0.995 - 0.005 * step, 3))
-        if gflops_of(model, config, batch) <= target:
-            return config
-    return config
+    ladder = [ATMConfig(alpha=1.0, beta=0.045, theta_min=round(0.995 - 0.005 * step, 3)) for step in range(200)]
+    return first_fitting(ladder, model, batch, target)
 
 
 def tome_for(model, batch, target: float) -> ToMeConfig:
-    for r in range(1, 200):
-        if gflops_of(model, ToMeConfig(r=r), batch) <= target:
-            return ToMeConfig(r=r)
-    return ToMeConfig(r=r)
+    return first_fitting([ToMeConfig(r=r) for r in range(1, 200)], model, batch, target)
 
 
-def attention_kernels(model, config, batch, autocast) -> str:
-    """Which `scaled_dot_product_attention` kernels one forward ran, from the profiler's aten op names."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof, merging(model, config), autocast:
-        model(batch)
+def attention_kernels(run, batch, autocast) -> str:
+    """Which `scaled_dot_product_attention` kernels one forward ran, from the profiler's op names."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, autocast:
+        run(batch)
     names = {event.name for event in prof.events() if "scaled_dot_product" in event.name}
     found = sorted({label for name in names for key, label in KERNELS.items() if key in name})
     return ",".join(found) or ("math" if names else "unfused")
@@ -93,29 +98,39 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, device, pool, batch_size, precision, reduction, rounds, n_batches) -> list[dict]:
+def prepared(model: torch.nn.Module, config, compiled: bool) -> tuple:
+    """A copy of `model` patched once with `config` (None: unmerged): (what to call, what holds the trace).
+    Compiled with dynamic shapes when asked (ATM's data-dependent r breaks its graph once per block)."""
+    patched = copy.deepcopy(model)
+    if config is not None:
+        patch(patched, config)
+    return (torch.compile(patched, dynamic=True) if compiled else patched), patched
+
+
+def measure(model, device, pool, batch_size, precision, reduction, rounds, n_batches, compiled=False) -> list[dict]:
     dtype = PRECISIONS[precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     batches = [pool[i * batch_size:(i + 1) * batch_size].to(device) for i in range(n_batches)]
     batches = [b for b in batches if len(b) == batch_size]
+    warm_up = 2 if compiled else 1  # compilation, and recompiles for code paths the first batches missed
     with torch.inference_mode(), autocast:
         base = gflops_of(model, ToMeConfig(r=0), batches[0])
         target = base * (1 - reduction)
         methods = {"unmerged": None, "ATM": atm_for(model, batches[0], target), "ToMe": tome_for(model, batches[0], target)}
+        runs = {name: prepared(model, config, compiled) for name, config in methods.items()}
         seconds = {name: [] for name in methods}
         gflops = {name: [] for name in methods}
-        for round_index in range(rounds + 1):  # round 0 warms up (kernels chosen, caches filled)
+        for round_index in range(warm_up + rounds):  # warm-up rounds: kernels chosen, caches filled
             for batch in batches:
-                for name, config in methods.items():
-                    with merging(model, config):
-                        synchronize(device)
-                        start = time.perf_counter()
-                        model(batch)
-                        synchronize(device)
-                        if round_index:
-                            seconds[name].append(time.perf_counter() - start)
-                            gflops[name].append(last_trace(model).gflops if config else base)
-        kernels = {name: attention_kernels(model, config, batches[0], autocast) for name, config in methods.items()}
+                for name, (run, traced) in runs.items():
+                    synchronize(device)
+                    start = time.perf_counter()
+                    run(batch)
+                    synchronize(device)
+                    if round_index >= warm_up:
+                        seconds[name].append(time.perf_counter() - start)
+                        gflops[name].append(last_trace(traced).gflops if methods[name] else base)
+        kernels = {name: attention_kernels(run, batches[0], autocast) for name, (run, _) in runs.items()}
     base_rate = batch_size / statistics.median(seconds["unmerged"])
     rows = []
     for name, config in methods.items():
@@ -123,7 +138,7 @@ def measure(model, device, pool, batch_size, precision, reduction, rounds, n_bat
         mean_gflops = statistics.fmean(gflops[name])
         speedup = rate / base_rate
         rows.append({"method": name, "setting": "" if config is None else config.to_params(),
-                     "batch_size": batch_size, "precision": precision, "gflops": mean_gflops,
+                     "batch_size": batch_size, "precision": precision, "compiled": compiled, "gflops": mean_gflops,
                      "images_per_sec": rate, "speedup": speedup,
                      "speedup_per_gflops_ratio": speedup / (base / mean_gflops), "kernels": kernels[name]})
     return rows
@@ -139,8 +154,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reduction", type=float, default=0.30, help="target GFLOPs cut for ATM and ToMe")
-    parser.add_argument("--json", type=Path, help="also write every row as JSON")
+    parser.add_argument("--compile", choices=("no", "yes", "both"), default="no",
+                        help="also (both) or only (yes) with every model torch.compile'd (dynamic shapes)")
+    parser.add_argument("--json", type=Path, help="also write every row as JSON (after each measurement)")
     args = parser.parse_args()
+    # Each patched copy and each of ATM's per-block graph pieces is an entry of one code object's cache.
+    torch._dynamo.config.cache_size_limit = 256
 
     device = torch.device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -152,22 +171,25 @@ def main() -> None:
         pool = image_pool(folder, model, max(batch_sizes) * args.batches)
         for precision in args.precisions.split(","):
             for batch_size in batch_sizes:
-                for row in measure(model, device, pool, batch_size, precision, args.reduction, args.rounds, args.batches):
-                    rows.append({"model": name, **row})
+                for compiled in {"no": [False], "yes": [True], "both": [False, True]}[args.compile]:
+                    for row in measure(model, device, pool, batch_size, precision, args.reduction, args.rounds,
+                                       args.batches, compiled):
+                        rows.append({"model": name, **row})
+                    if args.json:  # a run cut short keeps what it measured
+                        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     table = Table(title=f"random-weight models on ImageNet sample images, {device_name}, {args.rounds} rounds x "
                         f"{args.batches} batches, torch {torch.__version__}", title_justify="left")
-    for column in ("model", "batch", "precision", "method", "GFLOPs", "images/s", "speedup", "speedup / GFLOPs ratio",
+    for column in ("model", "batch", "precision", "compiled", "method", "GFLOPs", "images/s", "speedup", "speedup / GFLOPs ratio",
                    "attention kernel"):
-        table.add_column(column, justify="left" if column in ("model", "precision", "method", "attention kernel")
+        table.add_column(column, justify="left" if column in ("model", "precision", "compiled", "method", "attention kernel")
                          else "right")
     for row in rows:
-        table.add_row(row["model"], str(row["batch_size"]), row["precision"], row["method"], f"{row['gflops']:.3f}",
+        table.add_row(row["model"], str(row["batch_size"]), row["precision"], "yes" if row["compiled"] else "no",
+                      row["method"], f"{row['gflops']:.3f}",
                       f"{row['images_per_sec']:.1f}", f"{row['speedup']:.3f}", f"{row['speedup_per_gflops_ratio']:.3f}",
                       row["kernels"])
     Console(width=200).print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_run_batches_on_cuda_counts_as_on_the_cpu(on_both):
     cpu, gpu, batches = on_both
     config = default_preset_for(DEMO_MODEL_NAME).method
     on_cpu, on_gpu = run_batches(cpu, batches, config), run_batches(gpu, batches, config)
-    assert on_gpu.correct1 == on_cpu.correct1 and on_gpu.batch_gflops == pytest.approx(on_cpu.batch_gflops)
+    assert on_gpu.n_correct == on_cpu.n_correct and on_gpu.batch_gflops == pytest.approx(on_cpu.batch_gflops)
 
 
 def test_batches_preloaded_onto_the_gpu_when_they_fit(on_both):

@@ -16,7 +16,7 @@ from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_pres
 
 from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal
 from .model_batches import Batches, ModelBatches, RangeFlags
-from .search import Search, SearchResult, TrialEvent
+from .search import Search, SearchResult, TrialEvent, interruptible
 from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
 from .space import SearchSpace
 from .study import open_storage, open_study
@@ -249,43 +249,44 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
              "batch_size": request.batch_size, "goal": goal.describe(), "space": space.to_dict()}
     study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)
 
-    cached = study.user_attrs.get(REFERENCE_ATTR)
-    if cached is not None:
-        reference = Outcomes.from_record(cached)
-    else:
-        stage("running the unmerged model")
-        reference = source.run_all(None)
-        forward_passes += reference.n_images
-        study.set_user_attr(REFERENCE_ATTR, reference.to_record())
+    with interruptible(study):  # Ctrl-C anywhere from here on says how many trials are kept
+        cached = study.user_attrs.get(REFERENCE_ATTR)
+        if cached is not None:
+            reference = Outcomes.from_record(cached)
+        else:
+            stage("running the unmerged model")
+            reference = source.run_all(None)
+            forward_passes += reference.n_images
+            study.set_user_attr(REFERENCE_ATTR, reference.to_record())
 
-    reachable = None
-    if isinstance(goal, BudgetGoal):
-        stage("checking which GFLOPs the ranges reach")
-        low, high, spent = reachable_gflops(source, space)
-        forward_passes += spent
-        reachable = (low, high)
-        check_budget(goal.target_gflops, reference.gflops, reachable)
+        reachable = None
+        if isinstance(goal, BudgetGoal):
+            stage("checking which GFLOPs the ranges reach")
+            low, high, spent = reachable_gflops(source, space)
+            forward_passes += spent
+            reachable = (low, high)
+            check_budget(goal.target_gflops, reference.gflops, reachable)
 
-    search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
-    stage("seeding with a constant threshold")
-    constant = seed_constant(search, study, request.n_trials, on_trial)
-    stage("searching")
-    result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
-                        on_trial)
-    forward_passes += result.forward_passes
-    config = result.best_config  # RunError when no trial met the goal
+        search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
+        stage("seeding with a constant threshold")
+        constant = seed_constant(search, study, request.n_trials, on_trial)
+        stage("searching")
+        result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
+                            on_trial)
+        forward_passes += result.forward_passes
+        config = result.best_config  # RunError when no trial met the goal
 
-    tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
-                         images.labelled)
-    reported, report_passes, shared = tuning, 0, True
-    if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
-        stage(f"measuring the best setting on {eval_data}")
-        eval_images = load_image_folder(eval_data, loaded)
-        eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers, loaded.device))
-        merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
-        report_passes = merged.n_images + unmerged.n_images
-        reported = Measured.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
-        shared = False
+        tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
+                             images.labelled)
+        reported, report_passes, shared = tuning, 0, True
+        if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
+            stage(f"measuring the best setting on {eval_data}")
+            eval_images = load_image_folder(eval_data, loaded)
+            eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers, loaded.device))
+            merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
+            report_passes = merged.n_images + unmerged.n_images
+            reported = Measured.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
+            shared = False
 
     preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials))
     if request.out is not None:

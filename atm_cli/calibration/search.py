@@ -14,7 +14,8 @@ is chosen among the complete trials by the goal's rule (`Goal.choose`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,18 @@ class SearchInterrupted(KeyboardInterrupt):
     def __init__(self, kept: int):
         super().__init__(kept)
         self.kept = kept
+
+
+@contextmanager
+def interruptible(study: optuna.Study) -> Iterator[None]:
+    """Ctrl-C inside: SearchInterrupted with the study's finished trials counted, wherever it lands (in a
+    trial, or between trials: a seed's GFLOPs bisection, the report on new images)."""
+    try:
+        yield
+    except SearchInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise SearchInterrupted(len(study.get_trials(deepcopy=False, states=FINISHED))) from None
 
 
 @dataclass
@@ -225,10 +238,8 @@ class Search:
             return
         # The callback stops this process when trials from every process sharing the study reach n_trials.
         stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
-        try:
+        with interruptible(study):
             study.optimize(self.objective, n_trials=remaining, timeout=timeout, callbacks=[after_trial, stop])
-        except KeyboardInterrupt:
-            raise SearchInterrupted(len(study.get_trials(deepcopy=False, states=FINISHED))) from None
 
     def try_setting(self, study: optuna.Study, config: ATMConfig, n_trials: int,
                     on_trial: Callable[[TrialEvent], None] | None = None, unpruned: bool = False) -> Finished | None:
