@@ -50,14 +50,15 @@ def main() -> None:
                                         args.batch_size, device=loaded.device))
     test_unmerged = test.run_all(None)
     rows, costs = [], []
+    tuning = {}  # per goal: its images (unlabelled for the label-free goal), ranges and unmerged results
     for name in args.goals.split(","):
         goal = goal_of(name, loaded.unmerged_gflops)
         load = load_unlabelled_images if goal.label_free else load_image_folder
-        images = load(DEMO_CALIB_DATA, loaded, limit=args.limit)
-        tune = ModelBatches(loaded, preload(images, args.batch_size, device=loaded.device))
-        space = RangeFlags().resolve(tune)
-        reference = tune.run_all(None)
-        for seed in range(args.seeds):
+        tune = ModelBatches(loaded, preload(load(DEMO_CALIB_DATA, loaded, limit=args.limit), args.batch_size,
+                                            device=loaded.device))
+        tuning[name] = goal, tune, RangeFlags().resolve(tune), tune.run_all(None)
+    for seed in range(args.seeds):  # seeds outermost: a run cut short has every goal for the seeds it finished
+        for name, (goal, tune, space, reference) in tuning.items():
             started = time.perf_counter()
             search = Search(tune, reference, goal, space, PROBE_BATCHES, "paired")
             study = open_study(None, None, goal, {}, seed, args.n_trials)
@@ -76,7 +77,7 @@ def main() -> None:
                              "tuning_top1": chosen.top1, "tuning_gflops": chosen.gflops,
                              "top1": held_out.top1, "gflops": held_out.gflops,
                              "agreement": agreement(held_out, test_unmerged)})
-            print(json.dumps(rows[-2:]), flush=True)
+            print(json.dumps({"rows": rows[-2:], "cost": costs[-1]}), flush=True)
     summary = []
     for name in args.goals.split(","):
         for rule in ("paired", "argmax"):

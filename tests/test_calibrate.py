@@ -22,7 +22,7 @@ from atm_cli.calibration import (BudgetGoal, NoDropGoal, RangeFlags, Search, Sea
                                  reachable_gflops)
 from atm_cli.calibration.calibrate import CalibrationRequest
 from atm_cli.calibration.goals import trails
-from atm_cli.calibration.search import GFLOPS_SLACK
+from atm_cli.calibration.search import GFLOPS_SLACK, SearchInterrupted, interruptible
 from atm_cli.calibration.calibrate import seed_constant
 from atm_cli.calibration.seeding import check_budget, constant_for_budget
 from atm_cli.calibration.study import open_storage, open_study
@@ -381,6 +381,23 @@ def finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     except KeyError:
         return []
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def test_ctrl_c_between_trials_counts_the_finished_trials_kept():
+    """Ctrl-C outside a trial (a seed's GFLOPs bisection, the report on new images) still says how many
+    finished trials the study keeps; one raised inside a trial passes through with its own count."""
+    study = optuna.create_study()
+    for value in (0.5, 0.7):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.FAIL))
+    with pytest.raises(SearchInterrupted) as between:
+        with interruptible(study):
+            raise KeyboardInterrupt
+    assert between.value.kept == 2
+    with pytest.raises(SearchInterrupted) as inside:
+        with interruptible(study):
+            raise SearchInterrupted(7)
+    assert inside.value.kept == 7
 
 
 @pytest.mark.slow
