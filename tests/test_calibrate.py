@@ -333,6 +333,13 @@ def test_tuning_and_reporting_on_the_same_images_is_said(tiny):
     assert "tuned and reported on the same images" in outcome.stderr
 
 
+def test_rule_argmax_chooses_the_best_trial_on_the_tuning_images(tiny):
+    outcome = runner.invoke(app, calibrate_args(tiny, "--no-drop", "--n-trials", "6", "--rule", "argmax", "--json"))
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert result["rule"] == "argmax" and result["best_trial"] == result["argmax_trial"]
+
+
 def test_forward_passes_match_a_count_of_the_model_own_calls(tiny, monkeypatch):
     workflow = sys.modules["atm_cli.calibration.calibrate"]  # the module (the package's `calibrate` is its function)
     counted = []
@@ -360,6 +367,7 @@ def test_forward_passes_match_a_count_of_the_model_own_calls(tiny, monkeypatch):
     (["--no-drop", "--storage", "nosuchdialect://host/db"], "cannot open the study storage"),
     ([], "give exactly one goal"),
     (["--no-drop", "--target-reduction", "30"], "give exactly one goal"),
+    (["--no-drop", "--rule", "best"], "--rule is one of paired, argmax"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, flags, message):
     outcome = runner.invoke(app, calibrate_args(tiny, "--n-trials", "2", *flags))

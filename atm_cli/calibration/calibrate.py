@@ -14,7 +14,7 @@ from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
-from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal
+from .goals import RULES, AgreementGoal, BudgetGoal, Goal, NoDropGoal
 from .model_batches import Batches, ModelBatches, RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
 from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
@@ -131,6 +131,8 @@ class CalibrationRequest:
         if sum(goals) != 1:
             raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P, --no-drop or "
                              "--min-agreement P")
+        if self.rule not in RULES:
+            raise UsageError(f"--rule is one of {', '.join(RULES)}, got {self.rule!r}")
         if self.target_reduction is not None and not 0 < self.target_reduction < 100:
             raise UsageError(f"--target-reduction is a percentage in (0, 100), got {self.target_reduction}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 100:

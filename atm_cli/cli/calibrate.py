@@ -48,6 +48,11 @@ def command(
                                  help="Trials in the study (a resumed study continues up to this many)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the --limit subset."),
+    rule: str = typer.Option("paired", "--rule", metavar="paired|argmax",
+                             help="How the setting is chosen among the trials: paired (budget: the most GFLOPs "
+                                  "among those tied with the best; no-drop: the cheapest a paired test does not "
+                                  "show losing) or argmax (the best on the tuning images). README: which holds "
+                                  "better on new images."),
     split_layer: Optional[int] = ranges.SPLIT_LAYER,
     search_split_layer: bool = ranges.SEARCH_SPLIT_LAYER,
     paper_ranges: bool = ranges.PAPER_RANGES,
@@ -79,7 +84,7 @@ def command(
         model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
         data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
         no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, n_trials=n_trials, timeout=timeout,
-        seed=seed, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
+        seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
         storage=storage, study_name=study_name, out=out)
     request.check()
     # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
