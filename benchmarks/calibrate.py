@@ -54,8 +54,8 @@ def main() -> None:
     for name in args.goals.split(","):
         goal = goal_of(name, loaded.unmerged_gflops)
         load = load_unlabelled_images if goal.label_free else load_image_folder
-        tune = ModelBatches(loaded, preload(load(DEMO_CALIB_DATA, loaded, limit=args.limit), args.batch_size,
-                                            device=loaded.device))
+        images = load(DEMO_CALIB_DATA, loaded, limit=args.limit).in_fixed_random_order()  # as atm calibrate
+        tune = ModelBatches(loaded, preload(images, args.batch_size, device=loaded.device))
         tuning[name] = goal, tune, RangeFlags().resolve(tune), tune.run_all(None)
     for seed in range(args.seeds):  # seeds outermost: a run cut short has every goal for the seeds it finished
         for name, (goal, tune, space, reference) in tuning.items():

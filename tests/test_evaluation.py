@@ -368,3 +368,16 @@ def test_offline_the_hub_fails_at_once_with_the_hint(monkeypatch, tmp_path):
         load_model("deit_tiny_patch16_224", device="cpu")
     assert time.monotonic() - started < 10
     assert constants.HF_HUB_OFFLINE  # the hub's cache-only mode, as HF_HUB_OFFLINE=1 sets it
+
+
+def test_a_fixed_random_order_keeps_the_images_and_mixes_the_classes_of_each_batch(demo):
+    """The calibration search's order: the same images (same fingerprint and labels), the same order every
+    time, and a first batch that holds most classes where the folder's own first batch holds two."""
+    images = load_image_folder(DEMO_CALIB_DATA, demo)
+    mixed, again = images.in_fixed_random_order(), images.in_fixed_random_order()
+    labels = images.dataset.targets  # an ImageFolder: the folder's order, class by class
+    mixed_labels = [labels[i] for i in mixed.dataset.indices]
+    assert mixed.fingerprint == images.fingerprint and Counter(mixed_labels) == Counter(labels)
+    assert mixed.dataset.indices == again.dataset.indices != list(range(len(labels)))
+    assert len(set(labels[:128])) <= 2 and len(set(mixed_labels[:128])) >= 8
+    assert {mixed.relative_path(i) for i in range(len(labels))} == {images.relative_path(i) for i in range(len(labels))}

@@ -243,12 +243,16 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         images = load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
     else:
         images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
-    source = ModelBatches(loaded, preload(images, request.batch_size, request.workers, loaded.device))
+    # Trials see the images in a fixed random order (see ImageSet.in_fixed_random_order); the report below
+    # measures in the folder's order, as `atm eval` does (ATM's r depends on which images share a batch).
+    source = ModelBatches(loaded, preload(images.in_fixed_random_order(), request.batch_size, request.workers,
+                                          loaded.device))
     stage("measuring the search ranges")
     space = request.ranges.resolve(source)
     forward_passes = len(source.batches[0][1]) if request.ranges.measures else 0
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
-             "batch_size": request.batch_size, "goal": goal.describe(), "space": space.to_dict()}
+             "order": "fixed-random", "batch_size": request.batch_size, "goal": goal.describe(),
+             "space": space.to_dict()}
     study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)
 
     with interruptible(study):  # Ctrl-C anywhere from here on says how many trials are kept
@@ -280,15 +284,15 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
 
         tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
                              images.labelled)
-        reported, report_passes, shared = tuning, 0, True
-        if eval_data is not None and Path(eval_data).resolve() != Path(data).resolve():
-            stage(f"measuring the best setting on {eval_data}")
-            eval_images = load_image_folder(eval_data, loaded)
-            eval_source = ModelBatches(loaded, preload(eval_images, request.batch_size, request.workers, loaded.device))
-            merged, unmerged = eval_source.run_all(config), eval_source.run_all(None)
-            report_passes = merged.n_images + unmerged.n_images
-            reported = Measured.of(merged, unmerged, eval_images.source, eval_images.fingerprint)
-            shared = False
+        shared = eval_data is None or Path(eval_data).resolve() == Path(data).resolve()
+        report_images = images if shared else load_image_folder(eval_data, loaded)
+        stage(f"measuring the best setting on {report_images.root}")
+        report_source = ModelBatches(loaded, preload(report_images, request.batch_size, request.workers,
+                                                     loaded.device))
+        merged, unmerged = report_source.run_all(config), report_source.run_all(None)
+        report_passes = merged.n_images + unmerged.n_images
+        reported = Measured.of(merged, unmerged, report_images.source, report_images.fingerprint,
+                               request.limit if shared else None, report_images.labelled)
 
     preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials))
     if request.out is not None:

@@ -11,7 +11,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,14 @@ class ImageSet:
         if root.is_relative_to(SAMPLES):
             return f"bundled:{root.relative_to(SAMPLES)}"
         return str(self.root)
+
+    def in_fixed_random_order(self) -> ImageSet:
+        """The same images in one fixed pseudo-random order. A folder's own order gives batches of one or two
+        classes; a search that prunes trials and estimates GFLOPs on its first batches needs batches that
+        stand for the whole set."""
+        order = list(range(len(self.dataset)))
+        random.Random(0).shuffle(order)
+        return replace(self, dataset=Subset(self.dataset, order))
 
     def relative_path(self, index: int) -> str:
         folder, index = _folder_and_index(self.dataset, index)
