@@ -16,9 +16,9 @@ from atm_cli.evaluation import load_model
 from atm_cli.presets import list_presets
 from atm_cli.models import lvvit, t2t_vit  # noqa: F401  (registers the models with timm)
 
+from test_engine import EAGER_ATM, NO_MERGE_ATM, assert_no_op
+
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "atm-paper.txt"
-NO_MERGE_ATM = ATMConfig.constant(1.0)  # no cosine similarity exceeds 1: nothing merges
-EAGER_ATM = ATMConfig(alpha=0.5, beta=0.0, theta_min=0.5)
 TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 # (timm name, constructor overrides, input side): tiny versions of every family this file covers.
@@ -177,10 +177,7 @@ def test_load_model_reads_an_authors_checkpoint_file(tmp_path):
 def test_no_merging_matches_unpatched_and_merging_happens_when_asked(family):
     model = build(family)
     batch = images(family)
-    reference = model(batch)
-    for config in (ToMeConfig(r=0), NO_MERGE_ATM):
-        patch(model, config)
-        torch.testing.assert_close(model(batch), reference, atol=1e-5, rtol=0)
+    assert_no_op(model, batch, ToMeConfig(r=0), NO_MERGE_ATM)
     patch(model, EAGER_ATM)
     model(batch)
     trace = last_trace(model)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
+from atm_cli.engine import ToMeConfig, last_trace, patch
 from atm_cli.errors import RunError, UsageError
 from atm_cli.evaluation import DEMO_CALIB_DATA, evaluate, load_image_folder, load_model, preload, run_batches
 from atm_cli.evaluation.models import resolve_model_name
@@ -22,8 +22,8 @@ from atm_cli.models import DEMO_MODEL_NAME
 from timm.models import save_for_hf
 
 from conftest import TINY_VIT_ARGS, make_tiny_vit, write_image_folder
+from test_engine import EAGER_ATM
 
-EAGER_ATM = ATMConfig(alpha=0.5, beta=0.0, theta_min=0.5)  # low thresholds: random-weight models merge too
 
 
 def direct_tensors(root: Path, model: torch.nn.Module, classes: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from atm_cli.engine.methods.evit import keep_and_fuse
 from atm_cli.presets import load_preset, save_preset
 
 from conftest import make_tiny_vit
-from test_engine import build, engine_and_counter_gflops, tokens_left_along
+from test_engine import assert_no_op, build, engine_and_counter_gflops, tokens_left_along
 from test_presets import a_preset
 
 
@@ -96,9 +96,7 @@ def test_prefix_tokens_stay_first_and_whole(family, images):
 @torch.no_grad()
 def test_keep_rate_one_matches_unpatched(family, images):
     model = build(family)
-    reference = model(images)
-    patch(model, EViTConfig(keep_rate=1.0))
-    torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+    assert_no_op(model, images, EViTConfig(keep_rate=1.0))
 
 
 @torch.no_grad()

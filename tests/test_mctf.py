@@ -8,7 +8,7 @@ from atm_cli.engine import MCTFConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.mctf import bidirectional_merge, fused_attention, multi_criteria_scores
 from atm_cli.presets import load_preset, save_preset
 
-from test_engine import build, engine_and_counter_gflops, tokens_left_along
+from test_engine import assert_no_op, build, engine_and_counter_gflops, tokens_left_along
 from test_presets import a_preset
 
 
@@ -79,9 +79,7 @@ def test_fused_attention_adds_keys_and_averages_queries_by_weight():
 @torch.no_grad()
 def test_r_zero_matches_unpatched(family, images):
     model = build(family)
-    reference = model(images)
-    patch(model, MCTFConfig(r=0))
-    torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+    assert_no_op(model, images, MCTFConfig(r=0))
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])

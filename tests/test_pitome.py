@@ -12,7 +12,7 @@ from atm_cli.engine.methods.base import BlockInput
 from atm_cli.engine.methods.pitome import energy_score, margin_schedule
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build, engine_and_counter_gflops, tokens_left_along
+from test_engine import assert_no_op, FAMILIES, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,7 @@ def test_margin_falls_linearly_to_one_block_above_zero():
 @torch.no_grad()
 def test_ratio_one_matches_unpatched_and_the_default_merges(family, images):
     model = build(family)
-    reference = model(images)
-    patch(model, PiToMeConfig(ratio=1.0))
-    torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+    assert_no_op(model, images, PiToMeConfig(ratio=1.0))
     assert last_trace(model).merged == [0] * len(model.blocks)
     patch(model, PiToMeConfig())
     model(images)

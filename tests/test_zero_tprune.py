@@ -13,7 +13,7 @@ from atm_cli.engine.methods.zero_tprune import (emphasized_importance, iteration
                                                 zero_tprune_keep)
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import FAMILIES, build, engine_and_counter_gflops, tokens_left_along
+from test_engine import assert_no_op, FAMILIES, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,7 @@ def test_per_head_probabilities_average_to_the_head_mean():
 @torch.no_grad()
 def test_r_zero_matches_unpatched_and_the_default_prunes_image_tokens_only(family, images):
     model = build(family)
-    reference = model(images)
-    patch(model, ZeroTPruneConfig(r=0))
-    torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+    assert_no_op(model, images, ZeroTPruneConfig(r=0))
     assert last_trace(model).merged == [0] * len(model.blocks)
     patch(model, ZeroTPruneConfig(), trace_source=True)
     model(images)
