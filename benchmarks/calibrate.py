@@ -21,9 +21,8 @@ import optuna
 
 from atm_cli.calibration import AgreementGoal, BudgetGoal, NoDropGoal, RangeFlags, Search, seed_constant
 from atm_cli.calibration.calibrate import PROBE_BATCHES
-from atm_cli.calibration.model_batches import ModelBatches
 from atm_cli.calibration.study import open_study
-from atm_cli.evaluation import (DEMO_CALIB_DATA, DEMO_EVAL_DATA, agreement, load_image_folder, load_model,
+from atm_cli.evaluation import (DEMO_CALIB_DATA, DEMO_EVAL_DATA, Workload, agreement, load_image_folder, load_model,
                                 load_unlabelled_images, preload)
 
 GOALS = ("budget", "no-drop", "agreement")
@@ -46,17 +45,17 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     loaded = load_model(device="auto")
-    test = ModelBatches(loaded, preload(load_image_folder(DEMO_EVAL_DATA, loaded, limit=args.test_limit),
-                                        args.batch_size, device=loaded.device))
-    test_unmerged = test.run_all(None)
+    test = Workload(loaded, preload(load_image_folder(DEMO_EVAL_DATA, loaded, limit=args.test_limit),
+                                    args.batch_size, device=loaded.device))
+    test_unmerged = test.baseline
     rows, costs = [], []
     tuning = {}  # per goal: its images (unlabelled for the label-free goal), ranges and unmerged results
     for name in args.goals.split(","):
         goal = goal_of(name, loaded.unmerged_gflops)
         load = load_unlabelled_images if goal.label_free else load_image_folder
         images = load(DEMO_CALIB_DATA, loaded, limit=args.limit).in_fixed_random_order()  # as atm calibrate
-        tune = ModelBatches(loaded, preload(images, args.batch_size, device=loaded.device))
-        tuning[name] = goal, tune, RangeFlags().resolve(tune), tune.run_all(None)
+        tune = Workload(loaded, preload(images, args.batch_size, device=loaded.device))
+        tuning[name] = goal, tune, RangeFlags().resolve(tune), tune.baseline
     for seed in range(args.seeds):  # seeds outermost: a run cut short has every goal for the seeds it finished
         for name, (goal, tune, space, reference) in tuning.items():
             started = time.perf_counter()
@@ -72,7 +71,7 @@ def main() -> None:
                 if chosen is None:
                     rows.append({"goal": name, "seed": seed, "rule": rule, "found": False})
                     continue
-                held_out = test.run_all(space.config(chosen.params))
+                held_out = test.run(space.config(chosen.params))
                 rows.append({"goal": name, "seed": seed, "rule": rule, "found": True, "trial": chosen.number,
                              "tuning_top1": chosen.top1, "tuning_gflops": chosen.gflops,
                              "top1": held_out.top1, "gflops": held_out.gflops,

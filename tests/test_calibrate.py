@@ -70,7 +70,7 @@ class HandBuilt:
     def gflops(self, config: ATMConfig | None, index: int) -> float:
         return (1.0 - 3.0 * self.strength(config)) * self.batch_factor[index]
 
-    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
+    def run_batch(self, config: ATMConfig | None, index: int) -> BatchOutcome:
         self.images_run += self.sizes[index]
         correct = self.correct(config, index)
         # Every image's label is class 0; a wrong image predicts class 1.
@@ -85,7 +85,7 @@ class HandBuilt:
 
 
 def reference_of(source: HandBuilt) -> Outcomes:
-    outcomes = Outcomes([source.run(None, index) for index in range(source.n_batches)])
+    outcomes = Outcomes([source.run_batch(None, index) for index in range(source.n_batches)])
     source.images_run = 0
     return outcomes
 
@@ -220,7 +220,7 @@ def test_gflops_estimate_scales_by_complete_trials_batch_profiles():
     source = HandBuilt()
     search, study, _ = run_search(source, BudgetGoal(0.7), n_trials=12)
     config = ATMConfig(alpha=0.95, beta=0.05, theta_min=0.8)
-    tally = Outcomes([source.run(config, 0)])
+    tally = Outcomes([source.run_batch(config, 0)])
     true = source.full(config)[1]
     mean_factor = np.dot(source.sizes, source.batch_factor) / sum(source.sizes)
     assert tally.gflops / true == pytest.approx(source.batch_factor[0] / mean_factor)  # one batch alone is off

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging
-from atm_cli.evaluation import DEMO_EVAL_DATA, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation import DEMO_EVAL_DATA, load_image_folder, load_model, preload, Workload
 from atm_cli.presets import default_preset_for
 from atm_cli.models import DEMO_MODEL_NAME
 
@@ -35,11 +35,11 @@ def test_cuda_logits_and_token_counts_match_the_cpu(on_both, config):
     torch.testing.assert_close(logits.cpu(), expected, atol=1e-3, rtol=1e-3)
 
 
-def test_run_batches_on_cuda_counts_as_on_the_cpu(on_both):
+def test_a_workload_on_cuda_counts_as_on_the_cpu(on_both):
     """Labels on the CPU meet logits on the GPU: the figures equal the CPU run's."""
     cpu, gpu, batches = on_both
     config = default_preset_for(DEMO_MODEL_NAME).method
-    on_cpu, on_gpu = run_batches(cpu, batches, config), run_batches(gpu, batches, config)
+    on_cpu, on_gpu = Workload(cpu, batches).run(config), Workload(gpu, batches).run(config)
     assert on_gpu.n_correct == on_cpu.n_correct and on_gpu.batch_gflops == pytest.approx(on_cpu.batch_gflops)
 
 
@@ -54,6 +54,6 @@ def test_mixed_precision_on_cuda_gives_finite_logits_and_close_accuracy(on_both,
     cpu, _, batches = on_both
     mixed = load_model(device="cuda", precision=precision)
     config = default_preset_for(DEMO_MODEL_NAME).method
-    full, half = run_batches(cpu, batches, config), run_batches(mixed, batches, config)
+    full, half = Workload(cpu, batches).run(config), Workload(mixed, batches).run(config)
     assert abs(full.top1 - half.top1) <= 2.0  # points, on 256 images
     assert half.gflops == pytest.approx(full.gflops, rel=0.05)

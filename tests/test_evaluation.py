@@ -15,7 +15,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 from atm_cli.engine import ToMeConfig, last_trace, patch
 from atm_cli.errors import RunError, UsageError
-from atm_cli.evaluation import DEMO_CALIB_DATA, evaluate, load_image_folder, load_model, preload, run_batches
+from atm_cli.evaluation import DEMO_CALIB_DATA, evaluate, load_image_folder, load_model, preload, Workload
 from atm_cli.evaluation.models import resolve_model_name
 from atm_cli.models import DEMO_MODEL_NAME
 
@@ -52,7 +52,7 @@ def tiny(tiny_vit_dir):
 
 def test_unmerged_run_matches_the_model_run_by_hand(tiny, tiny_vit_dir, image_folder):
     images = load_image_folder(image_folder, tiny)
-    run = run_batches(tiny, preload(images, batch_size=5))
+    run = Workload(tiny, preload(images, batch_size=5)).run(None)
     model = timm.create_model(f"local-dir:{tiny_vit_dir}", pretrained=True).eval()
     x, y = direct_tensors(image_folder, model, {"a": 0, "b": 1, "c": 2})
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_merged_run_matches_the_patched_model_and_leaves_it_unpatched(tiny, imag
     x = torch.cat([b for b, _ in batches])
     with torch.no_grad():
         reference = tiny.model(x)
-    run = run_batches(tiny, batches, EAGER_ATM)
+    run = Workload(tiny, batches).run(EAGER_ATM)
 
     expected_correct, expected_gflops, expected_tokens = [], [], []
     model = make_tiny_vit(3)
@@ -94,16 +94,16 @@ def test_merged_run_matches_the_patched_model_and_leaves_it_unpatched(tiny, imag
 
 def test_max_batches_runs_only_the_first_batches(tiny, image_folder):
     batches = preload(load_image_folder(image_folder, tiny), batch_size=5)
-    run = run_batches(tiny, batches, ToMeConfig(r=2), max_batches=2)
+    run = Workload(tiny, batches).run(ToMeConfig(r=2), max_batches=2)
     assert run.batch_sizes == [5, 5]
     assert run.tokens_per_layer == [17, 15]  # r=2 removes two tokens in each block
 
 
-def test_evaluate_agrees_with_run_batches_on_the_same_batches(tiny, image_folder):
+def test_evaluate_agrees_with_a_workload_on_the_same_batches(tiny, image_folder):
     images = load_image_folder(image_folder, tiny)
     report = evaluate(tiny, images, EAGER_ATM, batch_size=5, workers=0)
     batches = preload(images, batch_size=5)
-    merged, baseline = run_batches(tiny, batches, EAGER_ATM), run_batches(tiny, batches)
+    merged, baseline = Workload(tiny, batches).run(EAGER_ATM), Workload(tiny, batches).run(None)
     result = report.to_dict()
     assert result["n_images"] == 12 and result["skipped_images"] == 0
     assert result["top1"] == merged.top1 and result["gflops"] == merged.gflops
@@ -131,7 +131,7 @@ def test_an_interrupted_evaluation_reports_the_batches_it_finished(tiny, image_f
     images = load_image_folder(image_folder, tiny)
     report = evaluate(tiny, images, EAGER_ATM, batch_size=5, workers=0, progress=interrupt_at(2), keep_partial=True)
     first_two = preload(images, batch_size=5)[:2]
-    merged, baseline = run_batches(tiny, first_two, EAGER_ATM), run_batches(tiny, first_two)
+    merged, baseline = Workload(tiny, first_two).run(EAGER_ATM), Workload(tiny, first_two).run(None)
     result = report.to_dict()
     assert result["interrupted"] and result["n_images"] == 10 and result["n_files"] == 12
     assert result["top1"] == merged.top1 and result["gflops"] == merged.gflops

@@ -13,8 +13,8 @@ from atm_cli.analysis.compare import compare
 from atm_cli.analysis.stress import climb, ladders, largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, unpatch
-from atm_cli.calibration import ModelBatches, RangeFlags
-from atm_cli.evaluation import DEMO_EVAL_DATA, BatchOutcome, Outcomes, load_image_folder, preload, run_batches
+from atm_cli.calibration import RangeFlags
+from atm_cli.evaluation import DEMO_EVAL_DATA, BatchOutcome, Outcomes, load_image_folder, preload, Workload
 
 LIMIT, BATCH = 32, 16
 
@@ -79,7 +79,7 @@ def test_required_correct_is_the_tolerance_in_images():
 
 def test_stress_ladders_meet_the_tolerance_and_tome_r_plus_one_fails(demo, batches):
     tolerance = 0.0
-    report = stress(demo, batches, methods=["tome", "threshold", "tome-increasing", "tome-decreasing"],
+    report = stress(Workload(demo, batches), methods=["tome", "threshold", "tome-increasing", "tome-decreasing"],
                     tolerance=tolerance)
     baseline_top1, _ = direct_top1_and_gflops(demo.model, batches)
     assert report.baseline_top1 == pytest.approx(baseline_top1)
@@ -104,19 +104,19 @@ def test_an_interrupted_stress_test_or_comparison_keeps_what_it_finished(demo, b
     def ctrl_c_after_the_first_method(done: int, total: int) -> None:
         raise KeyboardInterrupt
 
-    partial = stress(demo, batches, methods=["tome", "threshold"], progress=ctrl_c_after_the_first_method,
+    partial = stress(Workload(demo, batches), methods=["tome", "threshold"], progress=ctrl_c_after_the_first_method,
                      keep_partial=True)
     assert partial.interrupted and [m.method for m in partial.methods] == ["tome"]
     r = partial.methods[0].params["r"]
     assert partial.methods[0].top1 == pytest.approx(direct_top1_and_gflops(demo.model, batches, ToMeConfig(r=r))[0])
     with pytest.raises(KeyboardInterrupt):
-        stress(demo, batches, methods=["tome"], progress=ctrl_c_after_the_first_method)
+        stress(Workload(demo, batches), methods=["tome"], progress=ctrl_c_after_the_first_method)
 
-    partial = compare(demo, batches, methods=["tome"], budgets=[0.8, 0.6], progress=ctrl_c_after_the_first_method,
+    partial = compare(Workload(demo, batches), methods=["tome"], budgets=[0.8, 0.6], progress=ctrl_c_after_the_first_method,
                       keep_partial=True)
     assert partial.interrupted and [p.budget for p in partial.points] == [0.8]
     assert partial.point("tome", 0.6) is None
-    whole = compare(demo, batches, methods=["tome"], budgets=[0.8])
+    whole = compare(Workload(demo, batches), methods=["tome"], budgets=[0.8])
     assert partial.point("tome", 0.8).to_dict(partial.baseline) == whole.points[0].to_dict(whole.baseline)
 
 
@@ -141,7 +141,7 @@ def test_stress_cli_rejects_unknown_method_in_one_line():
 
 def test_compare_takes_the_least_tome_r_within_each_budget(demo, batches):
     budgets = [0.8, 0.6]
-    report = compare(demo, batches, methods=["tome", "tome-decreasing"], budgets=budgets)
+    report = compare(Workload(demo, batches), methods=["tome", "tome-decreasing"], budgets=budgets)
     assert len(report.points) == 4
     for point in report.points:
         assert point.gflops <= point.budget_gflops == pytest.approx(point.budget * demo.unmerged_gflops)
@@ -155,7 +155,7 @@ def test_compare_takes_the_least_tome_r_within_each_budget(demo, batches):
 
 
 def test_atm_saves_at_least_the_constant_threshold_its_family_contains(demo, batches):
-    report = stress(demo, batches, methods=["atm", "threshold"], n_trials=4)
+    report = stress(Workload(demo, batches), methods=["atm", "threshold"], n_trials=4)
     atm, constant = report.methods
     assert constant.passed and atm.passed
     assert atm.gflops <= constant.gflops
@@ -164,23 +164,23 @@ def test_atm_saves_at_least_the_constant_threshold_its_family_contains(demo, bat
     assert (atm.top1, atm.gflops) == (pytest.approx(top1), pytest.approx(gflops))
     assert top1 >= direct_top1_and_gflops(demo.model, batches)[0]  # no drop, checked on the model itself
 
-    report = compare(demo, batches, methods=["threshold", "atm"], budgets=[0.8], n_trials=3)
+    report = compare(Workload(demo, batches), methods=["threshold", "atm"], budgets=[0.8], n_trials=3)
     constant, atm = report.points
     assert constant.passed and atm.passed and atm.top1 >= constant.top1
     assert atm.gflops <= 0.8 * report.baseline_gflops
 
 
 def test_a_method_with_no_passing_setting_says_so_and_shows_no_figures(demo, batches):
-    space = RangeFlags().resolve(ModelBatches(demo, batches))
+    space = RangeFlags().resolve(Workload(demo, batches))
     impossible = sum(len(labels) for _, labels in batches) + 1  # more correct images than there are
-    result = climb(demo, batches, ladders(demo, space)["tome"], impossible, lookahead=0)
+    result = climb(Workload(demo, batches), ladders(demo, space)["tome"], impossible, lookahead=0)
     assert not result.passed and result.trials and not any(t.passed for t in result.trials)
-    shown = result.to_dict(run_batches(demo, batches))
+    shown = result.to_dict(Workload(demo, batches).run(None))
     assert shown["passed"] is False and shown["top1"] is None and shown["gflops"] is None and shown["agreement"] is None
 
 
 def test_the_measured_range_spans_from_no_merging_to_far_below_any_budget(demo, batches):
-    space = RangeFlags().resolve(ModelBatches(demo, batches))
+    space = RangeFlags().resolve(Workload(demo, batches))
     least, most = space.extremes()[1], space.extremes()[0]
     # On the batch the ranges were measured on, the least-merging setting merges nothing: every block
     # receives every token (ATM's last block then keeps the class token alone, as the head reads it alone).
@@ -195,7 +195,7 @@ def test_the_measured_range_spans_from_no_merging_to_far_below_any_budget(demo, 
 
 
 def test_compare_atm_point_is_what_its_setting_gives(demo, batches):
-    report = compare(demo, batches, methods=["atm"], budgets=[0.7], n_trials=4)
+    report = compare(Workload(demo, batches), methods=["atm"], budgets=[0.7], n_trials=4)
     point, = report.points
     assert point.top1 is not None, "the measured ranges reach 70% of the demo model's GFLOPs"
     assert point.gflops <= 0.7 * demo.unmerged_gflops

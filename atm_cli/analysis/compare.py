@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..calibration import BudgetGoal, ModelBatches, RangeFlags, SearchSpace, reachable_gflops, search_on
+from ..calibration import BudgetGoal, RangeFlags, SearchSpace, reachable_gflops, search_on
 from ..errors import Interruptible, UsageError
-from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
+from ..evaluation import Outcomes, Workload, agreement, describe_method
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
-from .stress import METHODS, Batches, ChosenSetting, OnBaseline, Ladder, check_methods, ladders
+from .stress import METHODS, ChosenSetting, OnBaseline, Ladder, check_methods, ladders
 
 
 @dataclass
@@ -57,14 +57,13 @@ class CompareReport(OnBaseline):
                 "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
-def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
-                         budget_gflops: float) -> tuple[int, Outcomes] | None:
+def least_merging_within(workload: Workload, ladder: Ladder, budget_gflops: float) -> tuple[int, Outcomes] | None:
     """The smallest ladder step whose GFLOPs on all batches are <= the budget, and its run (None: none fits)."""
     estimates: dict[int, float] = {}
 
     def estimate(step: int) -> float:
         if step not in estimates:
-            estimates[step] = run_batches(loaded, batches, ladder.config(step), max_batches=1).gflops
+            estimates[step] = workload.run(ladder.config(step), max_batches=1).gflops
         return estimates[step]
 
     if estimate(ladder.top) > budget_gflops:
@@ -72,13 +71,13 @@ def least_merging_within(loaded: LoadedModel, batches: Batches, ladder: Ladder,
     # The least merging step that fits (the top one does; step 0 merges nothing): GFLOPs fall along a ladder.
     fits = 1 + bisect.bisect_left(range(1, ladder.top), True, key=lambda step: estimate(step) <= budget_gflops)
     for step in range(fits, ladder.top + 1):
-        run = run_batches(loaded, batches, ladder.config(step))
+        run = workload.run(ladder.config(step))
         if run.gflops <= budget_gflops:
             return step, run
     return None
 
 
-def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
+def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
             n_trials: int = 30, seed: int = 0, ranges: RangeFlags = RangeFlags(),
             progress: Callable[[int, int], None] | None = None, keep_partial: bool = False) -> CompareReport:
     """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs).
@@ -91,11 +90,11 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
     outside = [b for b in budgets if not 0 < b < 1]
     if outside or not budgets:
         raise UsageError(f"budgets are shares of the unmerged GFLOPs strictly between 0 and 1 (e.g. 0.7), got {budgets}")
-    if not batches:
+    if not workload.n_batches:
         raise UsageError("the comparison needs at least one image")
-    space = ranges.resolve(ModelBatches(loaded, batches))
-    known = ladders(loaded, space)
-    baseline = run_batches(loaded, batches)
+    space = ranges.resolve(workload)
+    known = ladders(workload.loaded, space)
+    baseline = workload.baseline
     points: dict[tuple[str, float], ComparePoint] = {}
     total = len(methods) * len(budgets)
     with Interruptible(keep_partial) as stop:
@@ -104,9 +103,9 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
                 if method == "atm":
                     constant = points.get(("threshold", budget))
                     seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                    point = atm_within(loaded, batches, baseline, budget, n_trials, seed, space, seeds)
+                    point = atm_within(workload, budget, n_trials, seed, space, seeds)
                 else:
-                    point = ladder_within(loaded, batches, known[method], budget, baseline.gflops)
+                    point = ladder_within(workload, known[method], budget, baseline.gflops)
                 points[method, budget] = point
                 if progress is not None:
                     progress(len(points), total)
@@ -114,24 +113,23 @@ def compare(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METH
     return CompareReport(baseline, list(methods), list(budgets), ordered, space, stop.interrupted)
 
 
-def ladder_within(loaded: LoadedModel, batches: Batches, ladder: Ladder, budget: float,
-                  baseline_gflops: float) -> ComparePoint:
+def ladder_within(workload: Workload, ladder: Ladder, budget: float, baseline_gflops: float) -> ComparePoint:
     """A ladder method's point at one budget: its least merging within it."""
     budget_gflops = budget * baseline_gflops
-    found = least_merging_within(loaded, batches, ladder, budget_gflops)
+    found = least_merging_within(workload, ladder, budget_gflops)
     if found is None:
         return ComparePoint(ladder.method, budget, budget_gflops, None, None)
     step, run = found
     return ComparePoint(ladder.method, budget, budget_gflops, run, ladder.params(step))
 
 
-def atm_within(loaded: LoadedModel, batches: Batches, baseline: Outcomes, budget: float, n_trials: int, seed: int,
-               space: SearchSpace, seeds: Sequence = ()) -> ComparePoint:
+def atm_within(workload: Workload, budget: float, n_trials: int, seed: int, space: SearchSpace,
+               seeds: Sequence = ()) -> ComparePoint:
     """ATM: the calibration search's best top-1 with GFLOPs <= the budget, chosen on these images."""
-    budget_gflops = budget * baseline.gflops
-    lowest, _, _ = reachable_gflops(ModelBatches(loaded, batches), space)
-    found = None if budget_gflops < lowest else search_on(loaded, batches, baseline, BudgetGoal(budget_gflops), space,
-                                                          n_trials, seed, seeds)
+    budget_gflops = budget * workload.baseline.gflops
+    lowest, _, _ = reachable_gflops(workload, space)
+    found = None if budget_gflops < lowest else search_on(workload, BudgetGoal(budget_gflops), space, n_trials, seed,
+                                                          seeds)
     if found is None or found.best is None:
         return ComparePoint("atm", budget, budget_gflops, None, None)
     _, params = describe_method(space.config(found.best.params))

@@ -18,16 +18,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from torch import Tensor
-
-from ..calibration import ModelBatches, NoDropGoal, RangeFlags, SearchSpace, search_on
+from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
-from ..evaluation import LoadedModel, Outcomes, agreement, describe_method, run_batches
+from ..evaluation import LoadedModel, Outcomes, Workload, agreement, describe_method
 from ..paper import METHODS
 
-Batches = Sequence[tuple[Tensor, Tensor]]
 Progress = Callable[[int, int], None]
 
 LOOKAHEAD = 2
@@ -176,17 +173,15 @@ def required_correct(baseline: Outcomes, tolerance: float) -> int:
     return math.ceil(baseline.n_correct - tolerance * baseline.n_images / 100.0 - 1e-9)
 
 
-def run_until_hopeless(loaded: LoadedModel, batches: Batches, method: MethodConfig, needed: int) -> tuple[Outcomes, bool]:
+def run_until_hopeless(workload: Workload, method: MethodConfig, needed: int) -> tuple[Outcomes, bool]:
     """Run batch by batch; stop once even all remaining images right could not reach `needed` correct."""
-    run = Outcomes()
-    remaining = sum(len(labels) for _, labels in batches)
-    for batch in batches:
-        part = run_batches(loaded, [batch], method)
-        run.extend(part.batches)
-        remaining -= part.n_images
-        if run.n_correct + remaining < needed:
-            return run, False
-    return run, True
+    total = workload.n_images
+
+    def hopeful(run: Outcomes) -> bool:
+        return run.n_correct + total - run.n_images >= needed
+
+    run = workload.run(method, keep_going=hopeful)
+    return run, run.n_images == total and hopeful(run)
 
 
 def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int = LOOKAHEAD) -> int:
@@ -224,7 +219,7 @@ def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int
         floor = max(beyond)
 
 
-def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, needed: int,
+def climb(workload: Workload, ladder: Ladder, needed: int,
           lookahead: int = LOOKAHEAD) -> MethodResult:
     """The ladder's largest passing step by `largest_passing_step`, with every trial recorded.
 
@@ -235,7 +230,7 @@ def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, needed: int,
     runs: dict[int, Outcomes] = {}
 
     def passes(step: int) -> bool:
-        run, passed = run_until_hopeless(loaded, batches, ladder.config(step), needed)
+        run, passed = run_until_hopeless(workload, ladder.config(step), needed)
         runs[step] = run
         result.forward_passes += run.n_images
         result.trials.append(Trial(ladder.params(step), passed, run.top1, run.gflops, run.n_images))
@@ -247,7 +242,7 @@ def climb(loaded: LoadedModel, batches: Batches, ladder: Ladder, needed: int,
     return result
 
 
-def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
+def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
            n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD, ranges: RangeFlags = RangeFlags(),
            progress: Progress | None = None, keep_partial: bool = False) -> StressReport:
     """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points).
@@ -259,11 +254,11 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
     if tolerance < 0:
         raise UsageError(f"--tolerance must be >= 0 (percentage points of top-1), got {tolerance}")
     check_methods(methods)
-    if not batches:
+    if not workload.n_batches:
         raise UsageError("the stress test needs at least one image")
-    space = ranges.resolve(ModelBatches(loaded, batches))
-    known = ladders(loaded, space)
-    baseline = run_batches(loaded, batches)
+    space = ranges.resolve(workload)
+    known = ladders(workload.loaded, space)
+    baseline = workload.baseline
     needed = required_correct(baseline, tolerance)
     results: dict[str, MethodResult] = {}
     with Interruptible(keep_partial) as stop:
@@ -271,19 +266,19 @@ def stress(loaded: LoadedModel, batches: Batches, methods: Sequence[str] = METHO
             if name == "atm":
                 constant = results.get("threshold")
                 seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                results[name] = atm_no_drop(loaded, batches, baseline, tolerance, n_trials, seed, space, seeds)
+                results[name] = atm_no_drop(workload, tolerance, n_trials, seed, space, seeds)
             else:
-                results[name] = climb(loaded, batches, known[name], needed, lookahead)
+                results[name] = climb(workload, known[name], needed, lookahead)
             if progress is not None:
                 progress(len(results), len(methods))
     return StressReport(baseline, tolerance, [results[name] for name in methods if name in results], space,
                         stop.interrupted)
 
 
-def atm_no_drop(loaded: LoadedModel, batches: Batches, baseline: Outcomes, tolerance: float, n_trials: int,
-                seed: int, space: SearchSpace, seeds: Sequence[ATMConfig] = ()) -> MethodResult:
+def atm_no_drop(workload: Workload, tolerance: float, n_trials: int, seed: int, space: SearchSpace,
+                seeds: Sequence[ATMConfig] = ()) -> MethodResult:
     """ATM: the calibration's no-drop search (Optuna over alpha, beta, theta_min), chosen on these images."""
-    found = search_on(loaded, batches, baseline, NoDropGoal(tolerance), space, n_trials, seed, seeds)
+    found = search_on(workload, NoDropGoal(tolerance), space, n_trials, seed, seeds)
     trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)
               for t in found.trials]
     result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", None, None, trials,

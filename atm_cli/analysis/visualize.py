@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..engine import ATMConfig, MethodConfig, ToMeConfig, last_trace, merging
 from ..errors import UsageError
-from ..evaluation import LoadedModel, run_batches
+from ..evaluation import LoadedModel, Workload
 from .compare import least_merging_within
 from .plotting import pyplot, save_figure
 from .stress import knob_ladder
@@ -144,10 +144,11 @@ def paint_regions(picture: Image.Image, labels: np.ndarray) -> Image.Image:
 def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: MethodConfig) -> ToMeConfig:
     """ToMe with the least r whose GFLOPs do not exceed `config`'s mean over the pictures, each run alone."""
     labels = torch.zeros(1, dtype=torch.long)
-    target = sum(run_batches(loaded, [(picture[None], labels)], config).gflops for picture in pictures) / len(pictures)
-    batch = [(pictures[0][None], labels)]  # ToMe's GFLOPs do not depend on the image
+    one_by_one = Workload(loaded, [(picture[None], labels) for picture in pictures])
+    target = one_by_one.run(config).gflops
     ladder = knob_ladder(loaded, ToMeConfig)
-    found = least_merging_within(loaded, batch, ladder, target)
+    # ToMe's GFLOPs do not depend on the image: the first picture alone finds its r.
+    found = least_merging_within(Workload(loaded, one_by_one.batches[:1]), ladder, target)
     return ladder.config(found[0] if found is not None else ladder.top)
 
 

@@ -9,17 +9,18 @@ import optuna
 
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import UsageError
-from atm_cli.evaluation import LoadedModel, Outcomes, load_image_folder, load_model, load_unlabelled_images, preload
+from atm_cli.evaluation import (LoadedModel, Outcomes, Workload, load_image_folder, load_model, load_unlabelled_images,
+                                preload)
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
 from .goals import RULES, AgreementGoal, BudgetGoal, Goal, NoDropGoal
-from .model_batches import Batches, ModelBatches, RangeFlags
+from .ranges import RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
 from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
 from .space import SearchSpace
-from .study import open_storage, open_study
+from .study import claim_seeding, finish_seeding, open_storage, open_study, redact
 
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
@@ -30,22 +31,21 @@ SPEND = 0.9  # a budget search's choice should use at least this share of the bu
 
 def seed_constant(search: Search, study: optuna.Study, n_trials: int,
                   on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
-    """The constant threshold that meets the goal (see `seeding`), run as the study's first trials (images run
-    outside trials to find it count in `search.forward_passes`); None when none did. Only a fresh study is
+    """The constant threshold that meets the goal (see `seeding`), run as the study's first trials; None when
+    none did. Only a fresh study is
     seeded: a resumed one already ran its seeds.
 
     For a budget, a constant chosen on the first batches may exceed the budget on the whole set
     (batches differ in GFLOPs); the next try aims at the budget scaled by the ratio of the first
     batches' GFLOPs to the whole set's that the last try showed.
     """
-    if study.get_trials(deepcopy=False):
+    if not claim_seeding(study):  # another process seeds it, or it is seeded
         return None
     if not isinstance(search.goal, BudgetGoal):
         return constant_for_floor(search, study, n_trials, on_trial)
     aim, known = search.goal.target_gflops, {}
     for _ in range(SEED_TRIES):
-        constant, images = constant_for_budget(search.source, search.space, aim, search.probe_batches, known)
-        search.forward_passes += images
+        constant, _ = constant_for_budget(search.source, search.space, aim, search.probe_batches, known)
         trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
         if trial is None or trial.state != "complete":
             return None
@@ -55,16 +55,16 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
     return None
 
 
-def search_on(loaded: LoadedModel, batches: Batches, baseline: Outcomes, goal: Goal, space: SearchSpace,
-              n_trials: int = 30, seed: int | None = 0, seeds: Sequence[ATMConfig] = (), rule: str = "argmax",
+def search_on(workload: Workload, goal: Goal, space: SearchSpace, n_trials: int = 30, seed: int | None = 0,
+              seeds: Sequence[ATMConfig] = (), rule: str = "argmax",
               on_trial: Callable[[TrialEvent], None] | None = None) -> SearchResult:
-    """A search kept in memory, on batches and an unmerged run the caller already has (stress, compare).
+    """A search kept in memory, on a workload and its unmerged run (stress, compare).
 
     `seeds` run first, each on every image (a pruned seed could not promise that the result is at
     least as good); without them the study is seeded with the constant threshold that meets the goal.
     `rule="argmax"` chooses on these images alone (they report on them).
     """
-    search = Search(ModelBatches(loaded, batches), baseline, goal, space, PROBE_BATCHES, rule)
+    search = Search(workload, workload.baseline, goal, space, PROBE_BATCHES, rule)
     study = open_study(None, None, goal, {}, seed, n_trials)
     for config in seeds:
         search.try_setting(study, config, n_trials, on_trial, unpruned=True)
@@ -216,7 +216,7 @@ class CalibrationReport:
             "report_forward_passes": self.report_forward_passes,
             "reachable_gflops": list(self.reachable_gflops) if self.reachable_gflops else None,
             "study_name": self.result.study_name,
-            "storage": self.request.storage,
+            "storage": redact(self.request.storage),
             "preset": str(self.preset.path) if self.preset.path else None,
         }
 
@@ -227,6 +227,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     request.check()
     stage = on_stage or (lambda message: None)
     stage(f"loading {request.model}")
+    storage = open_storage(request.storage)  # a storage problem is found before the model and data load
     loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
                         unsafe_checkpoint=request.unsafe_checkpoint)
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
@@ -245,15 +246,15 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
     # Trials see the images in a fixed random order (see ImageSet.in_fixed_random_order); the report below
     # measures in the folder's order, as `atm eval` does (ATM's r depends on which images share a batch).
-    source = ModelBatches(loaded, preload(images.in_fixed_random_order(), request.batch_size, request.workers,
-                                          loaded.device))
+    source = Workload(loaded, preload(images.in_fixed_random_order(), request.batch_size, request.workers,
+                                      loaded.device), images.source)
     stage("measuring the search ranges")
     space = request.ranges.resolve(source)
-    forward_passes = len(source.batches[0][1]) if request.ranges.measures else 0
+    range_passes = len(source.batches[0][1]) if request.ranges.measures else 0
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
              "order": "fixed-random", "batch_size": request.batch_size, "goal": goal.describe(),
              "space": space.to_dict()}
-    study = open_study(open_storage(request.storage), request.study_name, goal, setup, request.seed, request.n_trials)
+    study = open_study(storage, request.study_name, goal, setup, request.seed, request.n_trials)
 
     with interruptible(study):  # Ctrl-C anywhere from here on says how many trials are kept
         cached = study.user_attrs.get(REFERENCE_ATTR)
@@ -261,25 +262,24 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
             reference = Outcomes.from_record(cached)
         else:
             stage("running the unmerged model")
-            reference = source.run_all(None)
-            forward_passes += reference.n_images
+            reference = source.run(None)
             study.set_user_attr(REFERENCE_ATTR, reference.to_record())
 
         reachable = None
         if isinstance(goal, BudgetGoal):
             stage("checking which GFLOPs the ranges reach")
-            low, high, spent = reachable_gflops(source, space)
-            forward_passes += spent
+            low, high, _ = reachable_gflops(source, space)
             reachable = (low, high)
             check_budget(goal.target_gflops, reference.gflops, reachable)
 
         search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
         stage("seeding with a constant threshold")
         constant = seed_constant(search, study, request.n_trials, on_trial)
+        finish_seeding(study)
         stage("searching")
         result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
                             on_trial)
-        forward_passes += result.forward_passes
+        forward_passes = range_passes + source.images_run
         config = result.best_config  # RunError when no trial met the goal
 
         tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
@@ -287,10 +287,10 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         shared = eval_data is None or Path(eval_data).resolve() == Path(data).resolve()
         report_images = images if shared else load_image_folder(eval_data, loaded)
         stage(f"measuring the best setting on {report_images.root}")
-        report_source = ModelBatches(loaded, preload(report_images, request.batch_size, request.workers,
-                                                     loaded.device))
-        merged, unmerged = report_source.run_all(config), report_source.run_all(None)
-        report_passes = merged.n_images + unmerged.n_images
+        report_source = Workload(loaded, preload(report_images, request.batch_size, request.workers, loaded.device),
+                                 report_images.source)
+        merged, unmerged = report_source.run(config), report_source.baseline
+        report_passes = report_source.images_run
         reported = Measured.of(merged, unmerged, report_images.source, report_images.fingerprint,
                                request.limit if shared else None, report_images.labelled)
 

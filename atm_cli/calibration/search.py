@@ -29,6 +29,7 @@ from atm_cli.evaluation import BatchOutcome, Outcomes
 
 from .goals import Goal, Standing
 from .space import SearchSpace
+from .study import SurplusTrial, up_to
 from .trials import (CONSTRAINT, FINISHED, REASON_ATTR, REPEATS_ATTR, SETTING_ATTR, WORKER, WORKER_ATTR, Finished,
                      has_outcomes, record, setting_key)
 
@@ -47,7 +48,7 @@ class BatchSource(Protocol):
     depth: int  # blocks of the model
     n_batches: int
 
-    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome: ...
+    def run_batch(self, config: ATMConfig | None, index: int) -> BatchOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Search:
             if index < len(known):
                 outcome = known[index]
             else:
-                outcome = self.source.run(config, index)
+                outcome = self.source.run_batch(config, index)
                 fresh += outcome.n
                 self.forward_passes += outcome.n
             outcomes.add(outcome)
@@ -239,7 +240,8 @@ class Search:
         # The callback stops this process when trials from every process sharing the study reach n_trials.
         stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
         with interruptible(study):
-            study.optimize(self.objective, n_trials=remaining, timeout=timeout, callbacks=[after_trial, stop])
+            study.optimize(up_to(n_trials, self.objective), n_trials=remaining, timeout=timeout,
+                           callbacks=[after_trial, stop], catch=(SurplusTrial,))
 
     def try_setting(self, study: optuna.Study, config: ATMConfig, n_trials: int,
                     on_trial: Callable[[TrialEvent], None] | None = None, unpruned: bool = False) -> Finished | None:

@@ -24,7 +24,7 @@ FLOOR_LADDER = 32  # the constants a floor's bisection chooses among (about five
 
 
 def first_batches(source: BatchSource, config: ATMConfig, n_batches: int) -> Outcomes:
-    return Outcomes([source.run(config, index) for index in range(min(n_batches, source.n_batches))])
+    return Outcomes([source.run_batch(config, index) for index in range(min(n_batches, source.n_batches))])
 
 
 def reachable_gflops(source: BatchSource, space: SearchSpace, n_batches: int = 1) -> tuple[float, float, int]:

@@ -57,12 +57,12 @@ def command(
     options.check_plot(plot)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+    workload = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "comparing (method x budget)") as progress:
-        report = compare(prepared.loaded, prepared.batches, names, shares, n_trials, seed, ranges=space, progress=progress,
+        report = compare(workload, names, shares, n_trials, seed, ranges=space, progress=progress,
                          keep_partial=True)
-    options.finish(console, compare_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
+    options.finish(console, compare_table(report, workload.loaded.name), report.to_dict(), json_output, plot,
                    lambda path: plot_compare(report, path),
                    interrupted=f"{len(report.points)} of {len(report.methods) * len(report.budgets)} points finished "
                    "before it" if report.interrupted else None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -23,7 +22,7 @@ from atm_cli.model_names import DEMO_MODEL_ALIAS
 from atm_cli.paper import METHODS as ANALYSIS_METHODS
 
 if TYPE_CHECKING:
-    from atm_cli.evaluation import LoadedModel
+    from atm_cli.evaluation import LoadedModel, Workload
 
 MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME",
                      help="A timm model name (deit_small for deit_small_patch16_224). Default: the embedded "
@@ -97,14 +96,6 @@ def floats_list(text: str, flag: str) -> list[float]:
         raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
-@dataclass
-class Prepared:
-    loaded: LoadedModel
-    batches: list
-    n_images: int
-    data: Path
-
-
 def resolve_model(console: Console, model: str) -> str:
     """The full timm name of --model; a name completed from the one typed is said on stderr."""
     from atm_cli.evaluation.models import resolve_model_name
@@ -128,9 +119,9 @@ def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: b
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
             default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str,
-            precision: str = "fp32", unsafe_checkpoint: bool = False) -> Prepared:
+            precision: str = "fp32", unsafe_checkpoint: bool = False) -> Workload:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
-    from atm_cli.evaluation import load_image_folder, preload
+    from atm_cli.evaluation import Workload, load_image_folder, preload
 
     loaded = load(console, model, checkpoint, pretrained, device, precision, unsafe_checkpoint)
     with console.status("loading images"):
@@ -139,10 +130,10 @@ def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained
         batches = preload(images, batch_size, device=loaded.device)
     if images.skipped:
         console.print(f"skipped {images.skipped} unreadable image(s)", highlight=False)
-    n_images = sum(len(labels) for _, labels in batches)
-    console.print(f"{loaded.name}: {n_images} images from {root}, batch {batch_size}, {loaded.device}, "
+    workload = Workload(loaded, batches, images.source)
+    console.print(f"{loaded.name}: {workload.n_images} images from {root}, batch {batch_size}, {loaded.device}, "
                   f"{loaded.precision}", highlight=False)
-    return Prepared(loaded, batches, n_images, root)
+    return workload
 
 
 @contextmanager

@@ -47,11 +47,11 @@ def command(
     values = options.floats_list(thresholds, "--thresholds")
     options.check_plot(plot)
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
+    workload = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
                                seed, device, unsafe_checkpoint=unsafe_checkpoint)
     with options.progress_bar(console, "probing (block x threshold)") as progress:
-        report = probe(prepared.loaded.model, prepared.batches, values, progress=progress)
-    options.finish(console, probe_table(report, prepared.loaded.name), report.to_dict(), json_output, plot,
+        report = probe(workload.loaded.model, workload.batches, values, progress=progress)
+    options.finish(console, probe_table(report, workload.loaded.name), report.to_dict(), json_output, plot,
                    lambda path: plot_probe(report, path))
 
 

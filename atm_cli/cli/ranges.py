@@ -9,7 +9,7 @@ from atm_cli.errors import UsageError
 from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
 if TYPE_CHECKING:
-    from atm_cli.calibration.model_batches import RangeFlags
+    from atm_cli.calibration.ranges import RangeFlags
 
 
 def _paper(bounds: tuple[float, float]) -> str:
@@ -44,7 +44,7 @@ def _range(text: Optional[str], flag: str) -> tuple[float, float] | None:
 
 def range_flags(paper: bool, alpha: Optional[str], beta: Optional[str], theta_min: Optional[str],
                 step: Optional[float], split_layer: Optional[int] = None, search_split_layer: bool = False) -> RangeFlags:
-    from atm_cli.calibration.model_batches import RangeFlags  # here: help starts without torch and Optuna
+    from atm_cli.calibration.ranges import RangeFlags  # here: help starts without torch and Optuna
 
     return RangeFlags(paper=paper, alpha=_range(alpha, "--alpha-range"), beta=_range(beta, "--beta-range"),
                       theta_min=_range(theta_min, "--theta-min-range"), step=step, split_layer=split_layer,

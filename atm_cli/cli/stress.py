@@ -56,13 +56,13 @@ def command(
     space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ATM's search: the progress bar reports instead
     console = Console(stderr=True)
-    prepared = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
+    workload = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_EVAL_DATA, batch_size, limit,
                                seed, device, precision, unsafe_checkpoint)
     with options.progress_bar(console, "stress test (methods)") as progress:
-        report = stress(prepared.loaded, prepared.batches, names, tolerance, n_trials, seed, ranges=space, progress=progress,
+        report = stress(workload, names, tolerance, n_trials, seed, ranges=space, progress=progress,
                         keep_partial=True)
     done = ", ".join(result.method for result in report.methods) or "none"
-    table, note = stress_table(report, prepared.loaded.name), savings_note(report)
+    table, note = stress_table(report, workload.loaded.name), savings_note(report)
     options.finish(console, Group(table, Text(note)) if note else table, report.to_dict(), json_output,
                    interrupted=f"methods finished before it: {done}" if report.interrupted else None)
 

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from atm_cli.engine import MethodConfig, last_trace, merging, patch, unpatch
+from atm_cli.engine import MethodConfig, last_trace
 from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
 from .models import LoadedModel, autocast
 from .outcomes import BatchOutcome, Outcomes, agreement
+from .workload import Workload, patched_view
 
 Progress = Callable[[int, int], None]
 
@@ -25,14 +26,8 @@ def describe_method(method: MethodConfig | None) -> tuple[str, dict]:
 
 def check_method(loaded: LoadedModel, method: MethodConfig | None) -> None:
     """Fail before any image is loaded when the engine rejects the config for this model."""
-    if method is None:
-        return
-    try:
-        patch(loaded.model, method)
-    except ValueError as error:
-        raise UsageError(f"{type(method).__name__} on {loaded.name}: {error}") from None
-    finally:
-        unpatch(loaded.model)
+    if method is not None:
+        patched_view(loaded, method)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -40,17 +35,18 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_batch(loaded: LoadedModel, images: Tensor, labels: Tensor, merged: bool) -> tuple[BatchOutcome, float]:
-    """One batch through `loaded.model` as it is now (patched when `merged`), at the model's precision: its
-    outcome and the model's time in seconds (synchronised)."""
+def measure_batch(loaded: LoadedModel, model: nn.Module, images: Tensor, labels: Tensor,
+                  merged: bool) -> tuple[BatchOutcome, float]:
+    """One batch through `model` (`loaded.model`, or a view of it patched when `merged`) at the model's precision:
+    its outcome and the model's time in seconds (synchronised)."""
     _synchronize(loaded.device)
     started = time.perf_counter()
     with torch.inference_mode(), autocast(loaded):
-        logits = loaded.model(images.to(loaded.device, non_blocking=True))
+        logits = model(images.to(loaded.device, non_blocking=True))
     _synchronize(loaded.device)
     seconds = time.perf_counter() - started
     if merged:
-        trace = last_trace(loaded.model)
+        trace = last_trace(model)
         gflops, tokens, tokens_left = trace.gflops, tuple(trace.tokens[:-1]), trace.tokens[-1]
     else:
         gflops, tokens, tokens_left = loaded.unmerged_gflops, loaded.unmerged_tokens, loaded.unmerged_tokens[-1]
@@ -61,20 +57,6 @@ def measure_batch(loaded: LoadedModel, images: Tensor, labels: Tensor, merged: b
                            correct5=int((top5 == labels[:, None]).any(dim=1).sum().item()), gflops=gflops,
                            tokens=tuple(tokens), tokens_left=tokens_left)
     return outcome, seconds
-
-
-def run_batches(loaded: LoadedModel, batches: Iterable[tuple[Tensor, Tensor]], method: MethodConfig | None = None,
-                max_batches: int | None = None, progress: Progress | None = None) -> Outcomes:
-    """Run `method` (None: the unmerged model) on the batches, the first `max_batches` of them if given."""
-    check_method(loaded, method)
-    batches = list(batches) if max_batches is None else list(batches)[:max_batches]
-    run = Outcomes()
-    with merging(loaded.model, method):
-        for done, (images, labels) in enumerate(batches, start=1):
-            run.add(measure_batch(loaded, images, labels, method is not None)[0])
-            if progress is not None:
-                progress(done, len(batches))
-    return run
 
 
 @dataclass
@@ -152,7 +134,8 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
     With `keep_partial`, an interrupt (Ctrl-C) after the first batch ends the pass early and the
     report covers the batches finished (`interrupted` is then True); without it, it propagates.
     """
-    check_method(loaded, method)
+    workload = Workload(loaded)
+    workload.model(method)  # the setting is checked (and patched, once) before any image is loaded
     loader = make_loader(images, batch_size, workers, loaded.device)
     merged, baseline = Outcomes(), Outcomes()
     model_seconds = baseline_seconds = excluded_seconds = 0.0
@@ -163,18 +146,16 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
             images_batch = images_batch.to(loaded.device, non_blocking=True)
             if not len(baseline):
                 warm_up_started = time.perf_counter()
-                measure_batch(loaded, images_batch, labels, merged=False)
-                with merging(loaded.model, method):
-                    measure_batch(loaded, images_batch, labels, merged=method is not None)
+                workload.measure(None, images_batch, labels)
+                workload.measure(method, images_batch, labels)
                 excluded_seconds += time.perf_counter() - warm_up_started
-            unmerged, seconds = measure_batch(loaded, images_batch, labels, merged=False)
+            unmerged, seconds = workload.measure(None, images_batch, labels)
             baseline_seconds += seconds
             if method is None:
                 merged_outcome = unmerged
             else:
                 excluded_seconds += seconds
-                with merging(loaded.model, method):
-                    merged_outcome, seconds = measure_batch(loaded, images_batch, labels, merged=True)
+                merged_outcome, seconds = workload.measure(method, images_batch, labels)
             model_seconds += seconds
             # Both runs take the batch together, so an interrupted pass compares the same images.
             baseline.add(unmerged)

@@ -1,40 +1,12 @@
-"""The model side of a search: a loaded model on preloaded batches, and the search space measured from it."""
+"""The search-range flags, resolved against the model and its batches (the one boundary where ranges are measured)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from atm_cli.engine import ATMConfig
-from atm_cli.evaluation import BatchOutcome, LoadedModel, Outcomes, run_batches
+from atm_cli.evaluation import Workload
 from atm_cli.evaluation.similarity import best_match_similarities
 
 from .space import SearchSpace, measured_space
-
-Batches = Sequence[tuple[Tensor, Tensor]]
-
-
-@dataclass
-class ModelBatches:
-    """A loaded model on preloaded batches: the BatchSource the search runs."""
-
-    loaded: LoadedModel
-    batches: Batches
-
-    @property
-    def depth(self) -> int:
-        return len(self.loaded.model.blocks)
-
-    @property
-    def n_batches(self) -> int:
-        return len(self.batches)
-
-    def run(self, config: ATMConfig | None, index: int) -> BatchOutcome:
-        return run_batches(self.loaded, [self.batches[index]], config).batches[0]
-
-    def run_all(self, config: ATMConfig | None) -> Outcomes:
-        return run_batches(self.loaded, self.batches, config)
 
 
 @dataclass(frozen=True)
@@ -54,7 +26,7 @@ class RangeFlags:
         """Whether the ranges come from a pass of the unmerged model (not the paper's, nor all given by flags)."""
         return not self.paper and None in (self.alpha, self.beta, self.theta_min, self.step)
 
-    def resolve(self, source: ModelBatches) -> SearchSpace:
+    def resolve(self, source: Workload) -> SearchSpace:
         """The space for this model: validated here, once (the boundary every search goes through)."""
         if not self.measures:
             base = SearchSpace(split_layer=self.split_layer, search_split_layer=self.search_split_layer)
