@@ -25,7 +25,7 @@ from .errors import UsageError
 from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
 if TYPE_CHECKING:
-    from .evaluation.outcomes import Outcomes
+    from .evaluation.outcomes import Comparison
 
 SCHEMA_VERSION = 1
 
@@ -55,16 +55,11 @@ class Measured:
     baseline_top5: float | None = None
 
     @classmethod
-    def of(cls, merged: Outcomes, unmerged: Outcomes, data: str, data_fingerprint: str,
-           data_limit: int | None = None, labelled: bool = True) -> Measured:
-        """The section from the measurement records of the setting and the unmerged model on the same images."""
-        from .evaluation.outcomes import agreement
-
-        return cls(gflops=merged.gflops, top1=merged.top1 if labelled else None,
-                   top5=merged.top5 if labelled else None, baseline_top1=unmerged.top1 if labelled else None,
-                   baseline_gflops=unmerged.gflops, n_images=merged.n_images, data=data, data_limit=data_limit,
-                   data_fingerprint=data_fingerprint, agreement=agreement(merged, unmerged),
-                   baseline_top5=unmerged.top5 if labelled else None)
+    def of(cls, run: Comparison, data: str, data_fingerprint: str, data_limit: int | None = None) -> Measured:
+        """The section from a setting's run beside the unmerged model's on the same images."""
+        return cls(gflops=run.gflops, top1=run.top1, top5=run.top5, baseline_top1=run.baseline_top1,
+                   baseline_gflops=run.baseline_gflops, n_images=run.n_images, data=data, data_limit=data_limit,
+                   data_fingerprint=data_fingerprint, agreement=run.agreement, baseline_top5=run.baseline_top5)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..calibration import BudgetGoal, RangeFlags, SearchSpace, reachable_gflops, search_on
 from ..errors import Interruptible, UsageError
-from ..evaluation import Outcomes, Workload, agreement, describe_method
+from ..evaluation import Outcomes, Workload, describe_method
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
 from .stress import METHODS, ChosenSetting, OnBaseline, Ladder, check_methods, ladders
@@ -33,8 +33,7 @@ class ComparePoint(ChosenSetting):
 
     def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,
-                "passed": self.passed, "top1": self.top1, "gflops": self.gflops,
-                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params}
+                **self.figures(baseline)}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
-from ..evaluation import LoadedModel, Outcomes, Workload, agreement, describe_method
+from ..evaluation import Comparison, LoadedModel, Outcomes, Workload, describe_method
 from ..paper import METHODS
 
 Progress = Callable[[int, int], None]
@@ -100,6 +100,7 @@ class ChosenSetting:
     """A method's answer: the chosen setting's outcomes, or None when no setting passed."""
 
     chosen: Outcomes | None
+    params: dict | None
 
     @property
     def passed(self) -> bool:
@@ -113,6 +114,13 @@ class ChosenSetting:
     def gflops(self) -> float | None:
         return self.chosen.gflops if self.chosen else None
 
+    def figures(self, baseline: Outcomes) -> dict:
+        """The answer's figures beside the unmerged run (None where no setting passed)."""
+        run = Comparison(self.chosen, baseline) if self.chosen else None
+        return {"passed": self.passed, "top1": self.top1, "gflops": self.gflops,
+                "agreement": run.agreement if run else None, "params": self.params,
+                "gflops_change": -run.gflops_reduction if run else None}
+
 
 @dataclass
 class MethodResult(ChosenSetting):
@@ -124,10 +132,7 @@ class MethodResult(ChosenSetting):
     forward_passes: int = 0  # images run through the model for this method, stopped trials included
 
     def to_dict(self, baseline: Outcomes) -> dict:
-        change = 100.0 * (self.gflops / baseline.gflops - 1.0) if self.passed else None
-        return {"method": self.method, "description": self.description, "passed": self.passed, "top1": self.top1,
-                "gflops": self.gflops, "gflops_change": change,
-                "agreement": agreement(self.chosen, baseline) if self.passed else None, "params": self.params,
+        return {"method": self.method, "description": self.description, **self.figures(baseline),
                 "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import UsageError
-from atm_cli.evaluation import (LoadedModel, Outcomes, Workload, load_image_folder, load_model, load_unlabelled_images,
+from atm_cli.errors import RunError, UsageError
+from atm_cli.evaluation import (Comparison, LoadedModel, Outcomes, Workload, load_image_folder, load_model, load_unlabelled_images,
                                 preload)
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
@@ -143,6 +143,8 @@ class CalibrationRequest:
             raise UsageError(f"--tolerance must not be negative, got {self.tolerance}")
         if self.tolerance and not self.no_drop:
             raise UsageError("--tolerance goes with --no-drop")
+        if self.timeout is not None and not self.timeout > 0:
+            raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if self.n_trials < 1:
             raise UsageError(f"--n-trials must be at least 1, got {self.n_trials}")
         if self.study_name is not None and self.storage is None:
@@ -282,21 +284,26 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         forward_passes = range_passes + source.images_run
         config = result.best_config  # RunError when no trial met the goal
 
-        tuning = Measured.of(result.best.outcomes, reference, images.source, images.fingerprint, request.limit,
-                             images.labelled)
+        tuning = Measured.of(Comparison(result.best.outcomes, reference, images.labelled), images.source,
+                             images.fingerprint, request.limit)
         shared = eval_data is None or Path(eval_data).resolve() == Path(data).resolve()
         report_images = images if shared else load_image_folder(eval_data, loaded)
         stage(f"measuring the best setting on {report_images.root}")
         report_source = Workload(loaded, preload(report_images, request.batch_size, request.workers, loaded.device),
                                  report_images.source)
-        merged, unmerged = report_source.run(config), report_source.baseline
+        run = Comparison(report_source.run(config), report_source.baseline, report_images.labelled)
         report_passes = report_source.images_run
-        reported = Measured.of(merged, unmerged, report_images.source, report_images.fingerprint,
-                               request.limit if shared else None, report_images.labelled)
+        reported = Measured.of(run, report_images.source, report_images.fingerprint, request.limit if shared else None)
 
     preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials))
     if request.out is not None:
-        save_preset(preset, request.out)
+        try:
+            save_preset(preset, request.out)
+        except OSError as error:  # checked writable before the work: a disk that filled during it
+            kept = f"the trials are kept in {redact(request.storage)} (study {result.study_name})" if request.storage \
+                else "no --storage kept the trials"
+            raise RunError(f"cannot write the preset to {request.out}: {error.strerror or error}; the chosen setting "
+                           f"is {config.to_params()}, {kept}") from None
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
                              shared_images=shared, reachable_gflops=reachable, constant=constant,
                              forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset)

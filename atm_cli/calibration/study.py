@@ -1,41 +1,171 @@
-"""Where a search keeps its trials: Optuna storages, resuming, and several processes on one study."""
+"""Where a search keeps its trials: Optuna storages, resuming, and several processes on one study.
+
+What survives what (README, "What survives what"): a journal whose last record a crash, a full disk
+or a kill cut short is repaired by dropping that partial record (every complete one is kept); a
+file that is not an Optuna journal is refused, never appended to; several processes creating one
+RDB study retry the create race; the seeding (see `calibrate.seed_constant`) runs in one process
+and a resumed study whose seeding was cut short runs it again; trials beyond --n-trials that
+processes sharing a study start at the same moment are marked failed, not counted.
+"""
 from __future__ import annotations
 
 import json
+import os
+import random
+import socket
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+from optuna.storages.journal._file import get_lock_file
+from optuna.trial import TrialState
 
 from atm_cli.errors import UsageError
 
 from .goals import Goal
-from .trials import SETUP_ATTR
+from .trials import FINISHED, SETUP_ATTR, WORKER, WORKER_ATTR
 
 # A process that dies mid-trial leaves it RUNNING; with a heartbeat, the next process marks it failed.
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
+SEEDING_ATTR = "seeding"  # {"by": worker, "done": bool}: who seeds the study, and whether it finished
+CREATE_TRIES = 5  # processes creating one RDB's tables at once: all but one fail, and retry
+SETUP_WAIT_SECONDS = 10  # a process that lost the create race waits this long for the winner's setup
+SQLITE_TIMEOUT_SECONDS = 60  # several processes on one SQLite file wait for its lock, not fail
 
 
-def open_storage(url_or_path: str | None) -> BaseStorage | None:
-    """An RDB URL (sqlite:///file.db, postgresql://...) or a journal file path; None keeps trials in memory."""
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def redact(url_or_path: str | None) -> str | None:
+    """The storage as it may be printed: an RDB URL's password replaced by ***."""
+    if url_or_path is None or "://" not in url_or_path:
+        return url_or_path
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url_or_path).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: print no part after the scheme's user
+        scheme, _, rest = url_or_path.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url_or_path
+
+
+def _password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password
+    except Exception:
+        return None
+
+
+def open_storage(url_or_path: str | None, note: Callable[[str], None] = _say, repair: bool = True) -> BaseStorage | None:
+    """An RDB URL (sqlite:///file.db, postgresql://...) or a journal file path; None keeps trials in memory.
+
+    A journal's torn last record is dropped (said through `note`) unless `repair` is off (reading only)."""
     if url_or_path is None:
         return None
+    shown = redact(url_or_path)
     try:
         if "://" in url_or_path:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url_or_path, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-        path = Path(url_or_path)
-        if path.is_dir() or not path.parent.is_dir():
-            raise OSError(f"{path} is a folder" if path.is_dir() else f"folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+            return _open_rdb(url_or_path)
+        return _open_journal(Path(url_or_path), note, repair)
+    except UsageError:
+        raise
     except Exception as error:  # SQLAlchemy, drivers and the file system raise many kinds; all mean "unusable"
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise UsageError(f"cannot open the study storage {url_or_path!r}: {reason}") from None
+        secret = _password(url_or_path) if "://" in url_or_path else None
+        if secret:
+            reason = reason.replace(secret, "***")
+        raise UsageError(f"cannot open the study storage {shown!r}: {reason}") from None
+
+
+def _open_rdb(url: str) -> RDBStorage:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}} if url.startswith("sqlite") else None
+    for attempt in range(CREATE_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                  grace_period=GRACE_SECONDS)
+        except SQLAlchemyError as error:
+            # Another process created the tables between this one's check and its CREATE TABLE.
+            racing = "already exists" in str(error) or "duplicate key" in str(error)
+            if not racing or attempt + 1 == CREATE_TRIES:
+                raise
+            time.sleep(random.uniform(0.1, 0.5))
+    raise AssertionError("unreachable")
+
+
+def _open_journal(path: Path, note: Callable[[str], None], repair: bool) -> JournalStorage:
+    if path.is_dir() or not path.parent.is_dir():
+        raise OSError(f"{path} is a folder" if path.is_dir() else f"folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    lock = JournalFileSymlinkLock(str(path))
+    if path.exists() and repair:
+        with get_lock_file(lock):  # no other process appends while the tail is checked
+            dropped = check_journal(path, repair=True)
+        if dropped:
+            note(f"note: {path}: dropped a partial last record ({dropped} bytes, left by an interrupted write); "
+                 "every complete trial is kept")
+    elif path.exists():
+        check_journal(path, repair=False)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def check_journal(path: Path, repair: bool) -> int:
+    """Refuse a file that is not an Optuna journal; cut a torn last record off (when `repair`).
+
+    Returns the bytes cut off. A journal is lines of JSON objects with an "op_code"; a write cut
+    short leaves a last line without its newline, or one that does not parse."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: empty in a whole journal
+    good = 0
+    for number, line in enumerate(lines, start=1):
+        if not _is_record(line):
+            if number == len(lines) and not tail and (number > 1 or _starts_record(line)):
+                tail = line + b"\n"  # the last line, torn inside (a short write, then a newline)
+                break
+            what = "is not an Optuna journal" if number == 1 else f"has a damaged record at line {number}"
+            raise UsageError(f"study storage {path} {what}: give a new file name, or the journal it was")
+        good += len(line) + 1
+    if not tail:
+        return 0
+    if good == 0 and not _starts_record(tail):
+        raise UsageError(f"study storage {path} is not an Optuna journal: give a new file name, or the journal it was")
+    if repair:
+        with open(path, "r+b") as handle:
+            handle.truncate(good)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return len(tail)
+
+
+RECORD_START = b'{"op_code":'  # how Optuna writes every journal record
+
+
+def _starts_record(text: bytes) -> bool:
+    """Whether `text` is (or may be cut from) the start of a journal record."""
+    return text.startswith(RECORD_START) or RECORD_START.startswith(text)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, setup: dict[str, Any],
@@ -49,7 +179,8 @@ def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, 
         except KeyError:
             existing = None
     if existing is not None:
-        _check_same_setup(existing, study_name, setup)
+        _check_same_setup(_wait_for_setup(existing), study_name, setup)
+        fail_dead_trials(existing)
     # Resumed or extra processes draw other random start points than the first one did.
     started = 0 if existing is None else len(existing.get_trials(deepcopy=False))
     with warnings.catch_warnings():
@@ -61,11 +192,26 @@ def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, 
             n_startup_trials=min(10, max(4, n_trials // 4)),
         )
     # Trials prune themselves (Search.objective); no Optuna pruner is consulted.
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                pruner=optuna.pruners.NopPruner(), direction=goal.direction, load_if_exists=True)
-    if existing is None:
-        _check_same_setup(study, study_name, setup)  # another process may have created it meanwhile
-        study.set_user_attr(SETUP_ATTR, setup)
+    kwargs = dict(storage=storage, study_name=study_name, sampler=sampler, pruner=optuna.pruners.NopPruner(),
+                  direction=goal.direction)
+    if existing is not None:
+        return optuna.create_study(**kwargs, load_if_exists=True)
+    try:
+        study = optuna.create_study(**kwargs)
+    except optuna.exceptions.DuplicatedStudyError:  # another process created it meanwhile
+        study = optuna.create_study(**kwargs, load_if_exists=True)
+        _check_same_setup(_wait_for_setup(study), study_name, setup)
+        return study
+    study.set_user_attr(SEEDING_ATTR, {"by": WORKER, "done": False})  # before the setup: joiners wait for that
+    study.set_user_attr(SETUP_ATTR, setup)
+    return study
+
+
+def _wait_for_setup(study: optuna.Study) -> optuna.Study:
+    """A study another process has just created gets its setup a moment later."""
+    deadline = time.monotonic() + SETUP_WAIT_SECONDS
+    while SETUP_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.1)
     return study
 
 
@@ -78,3 +224,81 @@ def _check_same_setup(study: optuna.Study, study_name: str | None, setup: dict[s
         key = differs[0]
         raise UsageError(f"study {study_name!r} was started with another {key} ({stored.get(key)!r}, now "
                          f"{setup.get(key)!r}); resume it with the same settings or use another --study-name")
+
+
+def _alive(worker: str | None) -> bool:
+    """Whether the process `worker` (host:pid) may still run: on another host it cannot be told, so yes."""
+    if not worker or ":" not in worker:
+        return True
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Mark failed the running trials of processes on this host that died (a journal has no heartbeat)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR in trial.user_attrs and not _alive(trial.user_attrs[WORKER_ATTR]):
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except RuntimeError:  # another process marked it meanwhile
+                pass
+
+
+def claim_seeding(study: optuna.Study) -> bool:
+    """Whether this process runs the study's seeding: it created the study, or the seeding was cut short (its
+    process is gone, or a study without the record has no trials yet)."""
+    state = study.user_attrs.get(SEEDING_ATTR)
+    if state is None:  # a study kept in memory, or made before the record existed
+        return not study.get_trials(deepcopy=False)
+    if state.get("done"):
+        return False
+    if state.get("by") != WORKER and _alive(state.get("by")):
+        return False  # another process is seeding now
+    study.set_user_attr(SEEDING_ATTR, {"by": WORKER, "done": False})
+    return True
+
+
+def finish_seeding(study: optuna.Study) -> None:
+    if SEEDING_ATTR in study.user_attrs:
+        study.set_user_attr(SEEDING_ATTR, {"by": WORKER, "done": True})
+
+
+class SurplusTrial(Exception):
+    """A trial started when the study already held (or was running) its --n-trials: failed, not counted."""
+
+
+def up_to(n_trials: int, objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """`objective`, run only by trials among the study's first `n_trials` (finished or running); a later one,
+    started by a process sharing the study at the same moment, stops this process and fails (`SurplusTrial`,
+    which `study.optimize(catch=...)` passes over)."""
+    def bounded(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, WORKER)
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= n_trials:
+            trial.study.stop()
+            raise SurplusTrial(f"the study already holds {n_trials} trials")
+        return objective(trial)
+
+    return bounded
+
+
+def finished_trials(url_or_path: str | None, study_name: str | None) -> int:
+    """Finished trials the study holds now (0 when there is no storage or no such study): what an
+    interruption kept, wherever it landed."""
+    if url_or_path is None or study_name is None:
+        return 0
+    try:
+        storage = open_storage(url_or_path, repair=False)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except (KeyError, UsageError):
+        return 0
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from atm_cli.errors import AtmError
+
+from . import checks
 
 # The hub logs every retry of a download that cannot work offline; the one error line after it says enough.
 logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
@@ -41,7 +44,16 @@ class _SwitchesTakeNoValue:
 
 
 class _Command(_SwitchesTakeNoValue, TyperCommand):
-    pass
+    """Every command refuses NaN and infinite numbers, and seeds outside one range, before it starts."""
+
+    def invoke(self, ctx):
+        for param in self.params:
+            value, flag = ctx.params.get(param.name), (param.opts or [param.name])[0]
+            if isinstance(value, float):
+                checks.check_finite(value, flag)
+            if param.name == "seed" and isinstance(value, int):
+                checks.check_seed(value, flag)
+        return super().invoke(ctx)
 
 
 class _Group(_SwitchesTakeNoValue, TyperGroup):
@@ -84,5 +96,22 @@ for _module_name in COMMANDS:
         app.command(_module_name, cls=_Command)(_module.command)
 
 
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports a process that `timeout`, Slurm or Kubernetes ended
+
+
 def main() -> None:
-    app(prog_name="atm")
+    """SIGTERM is handled as Ctrl-C (each command keeps and reports what it finished), then exits with 143."""
+    terminated = []
+
+    def on_terminate(signum, frame):
+        terminated.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_terminate)
+    try:
+        app(prog_name="atm")
+    except SystemExit as done:
+        if terminated:
+            raise SystemExit(TERMINATED_EXIT_CODE) from None
+        raise done from None

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from atm_cli.model_names import DEMO_MODEL_ALIAS
 
+from . import checks
 from . import model_data as options
 from . import ranges
 
@@ -76,7 +77,8 @@ def command(
     """Find ATM's alpha, beta, theta_min for a GFLOPs budget, or the cheapest with no top-1 drop, as a preset."""
     import optuna
 
-    from atm_cli.calibration import CalibrationRequest, SearchInterrupted, calibrate
+    from atm_cli.calibration import CalibrationRequest, calibrate
+    from atm_cli.calibration.study import finished_trials, redact
 
     space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step, split_layer,
                                search_split_layer)
@@ -87,6 +89,7 @@ def command(
         seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
         storage=storage, study_name=study_name, out=out)
     request.check()
+    checks.check_output(out, "--out")
     # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -111,9 +114,9 @@ def command(
 
             report = calibrate(request, on_trial=on_trial,
                                on_stage=lambda message: bar.update(task, description=message))
-    except KeyboardInterrupt as interrupt:
-        trials = interrupt.kept if isinstance(interrupt, SearchInterrupted) else 0
-        kept = f"{trials} finished trials are kept in {storage} (study {study_name}); run the same command to " \
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (app.main): the count is the study's own, wherever it landed
+        kept = f"{finished_trials(storage, study_name)} finished trials are kept in {redact(storage)} (study " \
+               f"{study_name}); run the same command to " \
                "resume" if storage else "nothing was kept (no --storage)"
         console.print(f"interrupted: {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(options.INTERRUPTED_EXIT_CODE) from None

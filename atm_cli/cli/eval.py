@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.text import Text
 from atm_cli.errors import UsageError
 from atm_cli.model_names import DEMO_MODEL_ALIAS
 
+from . import checks
 from . import method_options as methods
 from . import model_data as options
 from .method_options import MethodFlags
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 RESULT_SUFFIXES = (".csv", ".json")
+# The columns of a --results-file CSV (EvalReport.to_dict's keys): a file with others is refused before the pass.
+RESULT_COLUMNS = ("model", "model_tag", "checkpoint_sha256", "method", "params", "n_images", "skipped_images",
+                  "batch_size", "device", "precision", "workers", "data", "data_fingerprint", "top1", "top5", "gflops",
+                  "baseline_top1", "baseline_top5", "baseline_gflops", "gflops_reduction", "agreement",
+                  "images_per_sec", "baseline_images_per_sec", "end_to_end_images_per_sec", "tokens_per_layer",
+                  "baseline_tokens_per_layer", "interrupted", "n_files")
 
 
 def command(
@@ -72,6 +80,8 @@ def command(
     if results_file is not None and results_file.suffix not in RESULT_SUFFIXES:
         raise UsageError(f"--results-file must end in .csv or .json, got {results_file}")
     options.check_plot(plot)
+    checks.check_output(results_file, "--results-file")
+    checks.check_csv_columns(results_file, RESULT_COLUMNS, "--results-file")
 
     console = Console(stderr=True)
     loaded = options.load(console, model, checkpoint, not no_pretrained, device, precision, unsafe_checkpoint)
@@ -98,18 +108,21 @@ def command(
     if report.skipped_images:
         shown = ", ".join(list(images.skipped_files)[:3])
         console.print(f"skipped {report.skipped_images} unreadable image(s): {shown}", highlight=False, soft_wrap=True)
-    if results_file is not None:
-        _write_results(results_file, result)
     thresholds = (threshold_schedule(choice.config, len(report.merged.tokens_per_layer))
                   if isinstance(choice.config, ATMConfig) else None)
     # Figure 6 of the paper: mean tokens entering each block, beside the block's threshold.
     chart = tokens_chart(report.merged.tokens_per_layer, thresholds, full=report.baseline.tokens_per_layer[0], width=24)
     summary = Group(_result_table(report), Text(f"{report.method}: mean tokens entering each block\n{chart}"))
-    options.finish(console, summary, result, json_output, plot,
-                   lambda path: plot_tokens_per_block([*report.merged.tokens_per_layer, report.merged.tokens_left], path,
-                                                      thresholds, title=f"{report.model}: tokens merged per block"),
-                   interrupted=f"the figures cover the first {report.merged.n_images} of {report.n_files} images"
-                   if report.interrupted else None)
+    try:
+        options.finish(console, summary, result, json_output, plot,
+                       lambda path: plot_tokens_per_block([*report.merged.tokens_per_layer, report.merged.tokens_left],
+                                                          path, thresholds, title=f"{report.model}: tokens merged per block"),
+                       interrupted=f"the figures cover the first {report.merged.n_images} of {report.n_files} images"
+                       if report.interrupted else None)
+    finally:  # after the table and --json: a disk that filled during the pass loses neither
+        if results_file is not None:
+            checks.written_or_said(results_file, "--results-file", lambda path: _write_results(path, result),
+                                   "the result is in the table above" + (" and on stdout (--json)" if json_output else ""))
 
 
 def _result_table(report: EvalReport) -> Table:
@@ -129,18 +142,16 @@ def _result_table(report: EvalReport) -> Table:
 
 
 def _write_results(path: Path, result: dict) -> None:
+    """The JSON object, or the CSV with one more row; atomically (a write cut short leaves the file as it was)."""
     if path.suffix == ".json":
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        checks.write_atomically(path, json.dumps(result, indent=2) + "\n")
         return
     row = {key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in result.items()}
-    exists = path.is_file() and path.stat().st_size > 0
-    if exists:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != list(row):
-            raise UsageError(f"results file {path} has other columns than atm eval writes; use a new file")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if not exists:
-            writer.writeheader()
-        writer.writerow(row)
+    checks.check_csv_columns(path, RESULT_COLUMNS, "--results-file")
+    earlier = path.read_text(encoding="utf-8") if path.is_file() and path.stat().st_size > 0 else ""
+    lines = io.StringIO()
+    writer = csv.DictWriter(lines, fieldnames=RESULT_COLUMNS)
+    if not earlier:
+        writer.writeheader()
+    writer.writerow(row)
+    checks.write_atomically(path, earlier + lines.getvalue())

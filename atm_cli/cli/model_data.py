@@ -21,6 +21,8 @@ from atm_cli.errors import UsageError
 from atm_cli.model_names import DEMO_MODEL_ALIAS
 from atm_cli.paper import METHODS as ANALYSIS_METHODS
 
+from . import checks
+
 if TYPE_CHECKING:
     from atm_cli.evaluation import LoadedModel, Workload
 
@@ -61,9 +63,10 @@ def plot_option(what: str) -> typer.models.OptionInfo:
 
 
 def check_plot(plot: Optional[Path]) -> None:
-    """Fail on a missing matplotlib before the long run rather than after it."""
+    """Fail on a missing matplotlib, or a --plot that cannot be written, before the long run rather than after it."""
     if plot is not None:
         pyplot()
+        checks.check_output(plot, "--plot")
 
 
 def finish(console: Console, table: RenderableType, result: dict, json_output: bool, plot: Optional[Path] = None,

@@ -8,6 +8,8 @@ import typer
 from atm_cli.errors import UsageError
 from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
+from . import checks
+
 if TYPE_CHECKING:
     from atm_cli.calibration.ranges import RangeFlags
 
@@ -39,12 +41,15 @@ def _range(text: Optional[str], flag: str) -> tuple[float, float] | None:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"{flag} takes LOW,HIGH (two numbers), got {text!r}") from None
+    checks.check_finite(low, flag), checks.check_finite(high, flag)
     return low, high
 
 
 def range_flags(paper: bool, alpha: Optional[str], beta: Optional[str], theta_min: Optional[str],
                 step: Optional[float], split_layer: Optional[int] = None, search_split_layer: bool = False) -> RangeFlags:
     from atm_cli.calibration.ranges import RangeFlags  # here: help starts without torch and Optuna
+
+    checks.check_step(step)
 
     return RangeFlags(paper=paper, alpha=_range(alpha, "--alpha-range"), beta=_range(beta, "--beta-range"),
                       theta_min=_range(theta_min, "--theta-min-range"), step=step, split_layer=split_layer,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from atm_cli.errors import UsageError
 
-from . import method_options
+from . import checks, method_options
 from . import model_data as options
 from .method_options import MethodFlags
 
@@ -50,6 +50,7 @@ def command(
     flags = MethodFlags(method, preset, alpha, beta, theta_min, split_layer, r, set_)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {out}")
+    checks.check_output(out, "--out")
     console = Console(stderr=True)
     loaded = options.load(console, model, checkpoint, not no_pretrained, device, unsafe_checkpoint=unsafe_checkpoint)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)

@@ -1,8 +1,9 @@
 """The functional core: split tokens into two sets, match them, and return a merge closure.
 
-Tokens are addressed by their position in the sequence, so one code path serves both splits: a
-`Matching` says where set a and set b sit (per image), each a-token's best b-partner, and how many
-prefix tokens lead each set. `merge_closure` turns a matching and a count r into a function that
+Tokens are addressed by their position in the sequence, so one code path serves every split: a
+`Matching` says where set a and set b sit (positions per image, or a slice of the sequence, which
+selects the same rows of every image as a view, without an index: ToMe's alternate split), each
+a-token's best b-partner, and how many prefix tokens lead each set. `merge_closure` turns a matching and a count r into a function that
 merges any additive per-token quantity (x * size, size, source maps) the same way.
 """
 from __future__ import annotations
@@ -22,8 +23,8 @@ NORM_EPS = 1e-6
 
 @dataclass
 class Matching:
-    a_pos: Tensor  # (B, Na) sequence positions of set a, in a order
-    b_pos: Tensor  # (B, Nb) sequence positions of set b, in b order
+    a_pos: Tensor | slice  # set a: (B, Na) sequence positions in a order, or a slice of the sequence
+    b_pos: Tensor | slice  # set b, likewise
     a_prefix: int  # how many prefix tokens lead set a (never merged)
     b_prefix: int  # how many prefix tokens lead set b (never a destination)
     best: Tensor  # (B, Na) similarity of each a-token to its best b-token; -inf for prefix rows
@@ -31,14 +32,31 @@ class Matching:
 
     @property
     def mergeable(self) -> int:
-        return self.a_pos.shape[1] - self.a_prefix
+        return self.best.shape[1] - self.a_prefix
+
+    def similarity_macs(self, n_tokens: int, head_dim: int) -> int:
+        """Multiply-adds per image of the score product |a| * |b| * head_dim."""
+        n_b = len(range(n_tokens)[self.b_pos]) if isinstance(self.b_pos, slice) else self.b_pos.shape[1]
+        return self.best.shape[1] * n_b * head_dim
+
+
+def rows(t: Tensor, pos: Tensor | slice) -> Tensor:
+    """The tokens of `t` (B, N, C) at `pos`, in that order."""
+    if isinstance(pos, slice):
+        return t[:, pos]
+    return t.gather(1, pos[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def alternate_split(batch: int, n_tokens: int, num_prefix: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
-    """ToMe's split over the whole sequence: a = even positions, b = odd positions."""
+    """ToMe's split over the whole sequence: a = even positions, b = odd positions (as position tensors)."""
     a_pos = torch.arange(0, n_tokens, 2, device=device).expand(batch, -1)
     b_pos = torch.arange(1, n_tokens, 2, device=device).expand(batch, -1)
     return a_pos, b_pos, (num_prefix + 1) // 2, num_prefix // 2
+
+
+def alternate_slices(num_prefix: int) -> tuple[slice, slice, int, int]:
+    """The same split as `alternate_split`, as slices: the merge then reads sets a and b as views."""
+    return slice(0, None, 2), slice(1, None, 2), (num_prefix + 1) // 2, num_prefix // 2
 
 
 def size_distinctive_split(size: Tensor | None, batch: int, n_tokens: int, num_prefix: int,
@@ -54,17 +72,16 @@ def size_distinctive_split(size: Tensor | None, batch: int, n_tokens: int, num_p
     return order[:, :half], order[:, half:], 0, 0
 
 
-def bipartite_match(metric: Tensor, a_pos: Tensor, b_pos: Tensor, a_prefix: int, b_prefix: int) -> Matching:
+def bipartite_match(metric: Tensor, a_pos: Tensor | slice, b_pos: Tensor | slice, a_prefix: int,
+                    b_prefix: int) -> Matching:
     """Cosine similarity of every a-token to every b-token; prefix tokens can be neither source nor destination.
 
     Scores are float32 whatever the model's precision: a threshold compared on the bfloat16 grid
     (spacing 0.004 near 0.9) would move token counts between precisions.
     """
-    metric = F.normalize(metric.float(), dim=-1, eps=NORM_EPS)
-    dim = metric.shape[-1]
-    a = metric.gather(1, a_pos[..., None].expand(-1, -1, dim))
-    b = metric.gather(1, b_pos[..., None].expand(-1, -1, dim))
-    scores = a @ b.transpose(1, 2)
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # F.normalize, one op less
+    scores = rows(metric, a_pos) @ rows(metric, b_pos).transpose(1, 2)
     if a_prefix:
         scores[:, :a_prefix, :] = -torch.inf
     if b_prefix:
@@ -73,11 +90,22 @@ def bipartite_match(metric: Tensor, a_pos: Tensor, b_pos: Tensor, a_prefix: int,
     return Matching(a_pos, b_pos, a_prefix, b_prefix, best, best_j)
 
 
-def adaptive_r(matching: Matching, theta: float) -> int:
-    """Batch-adaptive r (Sec. 3.4): the floor of the batch mean of per-image counts of best > theta."""
-    counts = (matching.best > theta).sum(dim=1)
-    r = int(counts.sum().item()) // counts.shape[0]  # the engine's one host synchronisation per block
-    return min(r, matching.mergeable)
+def count_above(matching: Matching, theta: float) -> Tensor:
+    """How many a-tokens match better than theta (strict), summed over the batch: a 0-d tensor."""
+    return (matching.best > theta).sum()
+
+
+def batch_r(total: int, batch: int, mergeable: int, multiple: int = 1) -> int:
+    """Batch-adaptive r (Sec. 3.4): the floor of the batch mean of per-image counts (`total` over `batch`
+    images), clamped to the tokens that may merge, then rounded down to a multiple of `multiple` (1: the
+    paper's r)."""
+    return min(total // batch, mergeable) // multiple * multiple
+
+
+def adaptive_r(matching: Matching, theta: float, multiple: int = 1) -> int:
+    """`batch_r` of the matching's counts above theta (one host synchronisation)."""
+    total = int(count_above(matching, theta).item())
+    return batch_r(total, matching.best.shape[0], matching.mergeable, multiple)
 
 
 def merge_closure(matching: Matching, r: int, num_prefix: int) -> Callable[[Tensor], Tensor]:
@@ -86,32 +114,33 @@ def merge_closure(matching: Matching, r: int, num_prefix: int) -> Callable[[Tens
     The result keeps the prefix tokens first (original order), then unmerged a-tokens in a order,
     then b-tokens in b order.
     """
-    batch = matching.best.shape[0]
     ranked = torch.sort(matching.best, dim=1, descending=True, stable=True).indices
-    src = ranked[:, :r]
-    unmerged = torch.sort(ranked[:, r:], dim=1).values[:, matching.a_prefix:]  # a's prefix rows rank last
-    src_pos = matching.a_pos.gather(1, src)
-    dst_pos = matching.b_pos.gather(1, matching.best_j.gather(1, src))
-    keep = torch.cat([
-        torch.arange(num_prefix, device=src.device).expand(batch, -1),
-        matching.a_pos.gather(1, unmerged),
-        matching.b_pos[:, matching.b_prefix:],
-    ], dim=1)
+    src = ranked[:, :r, None]
+    unmerged = torch.sort(ranked[:, r:], dim=1).values[:, matching.a_prefix:, None]  # a's prefix rows rank last
+    dst = matching.best_j.gather(1, ranked[:, :r])[..., None]
+    b_prefix = matching.b_prefix
 
     def merge_sum(t: Tensor) -> Tensor:
         channels = t.shape[-1]
-        moved = t.gather(1, src_pos[..., None].expand(-1, -1, channels))
-        t = t.scatter_add(1, dst_pos[..., None].expand(-1, -1, channels), moved)
-        return t.gather(1, keep[..., None].expand(-1, -1, channels))
+        a, b = rows(t, matching.a_pos), rows(t, matching.b_pos)
+        b = b.scatter_add(1, dst.expand(-1, -1, channels), a.gather(1, src.expand(-1, -1, channels)))
+        return torch.cat([t[:, :num_prefix], a.gather(1, unmerged.expand(-1, -1, channels)), b[:, b_prefix:]], dim=1)
 
     return merge_sum
 
 
 def merge_weighted(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of merged tokens, accumulated in float32 (x * size overflows float16); sizes add."""
-    size = torch.ones_like(x[..., :1], dtype=torch.float32) if size is None else size
-    merged_size = merge_sum(size)
-    return (merge_sum(x.float() * size) / merged_size).to(x.dtype), merged_size
+    """Size-weighted average of merged tokens, accumulated in float32 (x * size overflows float16); sizes add.
+
+    x * size and size travel as one tensor, so the merge runs its gathers and scatter once for both.
+    """
+    if size is None:
+        weighted = torch.cat([x.float(), x.new_ones(x.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
+    else:
+        weighted = torch.cat([x.float() * size, size], dim=-1)
+    merged = merge_sum(weighted)
+    merged_size = merged[..., -1:]
+    return (merged[..., :-1] / merged_size).to(x.dtype), merged_size
 
 
 def weighted_reduction(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: Tensor | None,

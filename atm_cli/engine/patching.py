@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .attention import attention_with_sizes
+from .attention import attention_with_sizes, unless_identity
 from .flops import BlockStep, Geometry
-from .methods import BlockInput, MethodConfig, Plan, Reduction
+from .methods import BlockInput, Deferred, MethodConfig, Plan, Reduction
 from .pooling import check_pool_supported, pool_with_sizes
 
 _STATE = "_atm_state"
@@ -124,13 +124,13 @@ def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mas
                                                     with_probabilities=index in plan.attention_blocks,
                                                     per_head=plan.per_head_attention,
                                                     probabilities=None if reduction is None else reduction.attention)
-        x = x + block.drop_path1(block.ls1(y))
+        x = x + unless_identity(block.drop_path1, unless_identity(block.ls1, y))
         n_in = x.shape[1]
         if not before:
             reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))
             x, size, source = _apply(reduction, x, size, source)
         step_macs = 0 if reduction is None else reduction.extra_macs
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = x + unless_identity(block.drop_path2, unless_identity(block.ls2, block.mlp(block.norm2(x))))
         steps.append(BlockStep(n_in, x.shape[1], step_macs))
         tokens.append(x.shape[1])
     state.trace = Trace(
@@ -150,10 +150,25 @@ def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
     precision the model runs in (a threshold compared on the bfloat16 grid, spacing 0.004 near 0.9,
     would move token counts between precisions; x * size overflows float16)."""
     device_type = block.x.device.type
-    if not torch.amp.is_autocast_available(device_type):  # e.g. the meta device: shapes only, no autocast
-        return plan.step(block)
+    # Not on (e.g. the meta device: shapes only, no autocast): no context to leave, and one less per block.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return _step(plan, block)
     with torch.autocast(device_type, enabled=False):
-        return plan.step(block)
+        return _step(plan, block)
+
+
+def _step(plan: Plan, block: BlockInput) -> Reduction | None:
+    reduction = plan.step(block)
+    if isinstance(reduction, Deferred):
+        reduction = reduction.finish(_decide_on_host(reduction))
+    return reduction
+
+
+@torch.compiler.disable
+def _decide_on_host(deferred: Deferred) -> int:
+    """The step's one host synchronisation, and its decision, outside any compiled graph: a compiled
+    model's next graph is specialised on the decision (ATM's r), not on the count it came from."""
+    return deferred.decide(int(deferred.total.item()))
 
 
 def _apply(reduction: Reduction | None, x: Tensor, size: Tensor | None,

@@ -2,7 +2,10 @@
 
 Unreadable images are found while loading (reading every file twice would slow large folders);
 each pass drops them from its batches and records them on the ImageSet, so counts are complete
-after one full pass.
+after one full pass. Entries that are no regular file (a dangling link, a FIFO) are found while
+listing and counted the same way. Folders are read as they are: a symlinked folder is followed
+once (a link back up the tree is no loop), each real file is taken once, an image larger than
+PIL's limit (a decompression bomb) is skipped, and 16-bit and float pixels are scaled to 8 bits.
 """
 from __future__ import annotations
 
@@ -10,17 +13,21 @@ import hashlib
 import json
 import os
 import random
+import re
+import stat
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from atm_cli.errors import RunError, UsageError
 
@@ -32,6 +39,81 @@ DEMO_CALIB_DATA = SAMPLES / "cifar10-calib"  # training images held out of the d
 
 # What PIL raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors).
 UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError)
+# An image over PIL's pixel limit, skipped whether PIL would warn (over the limit) or refuse (over twice it).
+TOO_LARGE_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB: 16-bit pixels scaled by 255/65535 and float ones in [0, 1] by 255 (PIL's own
+    conversion clips them, so most would read as white or black); float pixels outside [0, 1] are refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.load()
+    if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F"):
+        return image.convert("RGB")
+    pixels = np.asarray(image).astype(np.float64)
+    low, high = (pixels.min(), pixels.max()) if pixels.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(pixels).all() and 0 <= low and high <= 1):
+            raise ValueError(f"float pixels in {low:g}..{high:g}, outside [0, 1]: no known scale to 8 bits")
+        scale = 255.0
+    else:  # 16-bit, or 32-bit integers (PIL opens some 16-bit files so)
+        if low < 0 or high > 65535:
+            raise ValueError(f"32-bit pixels in {low:g}..{high:g}, outside 16 bits: no known scale to 8 bits")
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.rint(pixels * scale).astype(np.uint8), "L").convert("RGB")
+
+
+def _list_images(top: Path, seen: set[str], not_files: dict[Path, str]) -> list[Path]:
+    """Image files under `top` in os.walk's sorted order, each real folder and file once (`seen`: real paths
+    taken so far); entries that are no regular file go to `not_files` with the reason."""
+    folders, pending = [], [top]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue  # a link back up the tree, or a second link to a folder already read
+        seen.add(real)
+        folders.append(folder)
+        with os.scandir(folder) as entries:
+            pending.extend(Path(entry.path) for entry in entries if entry.is_dir())
+    images = []
+    for folder in sorted(folders, key=str):
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries if not entry.is_dir())
+        for name in names:
+            path = folder / name
+            if path.suffix.lower() not in IMG_EXTENSIONS:
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                not_files[path] = "a link to nothing" if os.path.islink(path) else "cannot be read"
+                continue
+            if not stat.S_ISREG(mode):
+                not_files[path] = "not a regular file" + (" (a FIFO)" if stat.S_ISFIFO(mode) else "")
+                continue
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                images.append(path)
+    return images
+
+
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder, listed by `_list_images` (its own walk follows links in circles)."""
+
+    def __init__(self, root: Path, transform):
+        self.not_files: dict[Path, str] = {}
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        seen: set[str] = set()
+        return [(str(path), class_to_idx[name]) for name in sorted(class_to_idx)
+                for path in _list_images(Path(directory) / name, seen, self.not_files)]
 
 
 @dataclass
@@ -88,15 +170,15 @@ class _Unlabelled(Dataset):
     """Every image file under a folder, at any depth, in path order, each labelled UNLABELLED."""
 
     def __init__(self, root: Path, transform):
-        self.samples = [(str(path), UNLABELLED) for path in sorted(root.rglob("*"))
-                        if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS]
+        self.not_files: dict[Path, str] = {}
+        self.samples = [(str(path), UNLABELLED) for path in _list_images(root, set(), self.not_files)]
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        return self.transform(default_loader(self.samples[index][0])), UNLABELLED
+        return self.transform(load_rgb(self.samples[index][0])), UNLABELLED
 
 
 def load_unlabelled_images(root: str | Path, loaded: LoadedModel, limit: int | None = None, seed: int = 0) -> ImageSet:
@@ -110,9 +192,16 @@ def load_unlabelled_images(root: str | Path, loaded: LoadedModel, limit: int | N
     selected = list(range(len(images.samples)))
     if limit is not None:
         selected = _balanced_subset([UNLABELLED] * len(selected), limit, seed)
+    skipped = _not_files(root, images.not_files, limit)
     return ImageSet(dataset=Subset(images, selected) if limit is not None else images, root=root,
                     fingerprint=_fingerprint(root, [images.samples[i] for i in selected], {UNLABELLED: UNLABELLED}),
-                    class_to_model_index={}, n_files=len(selected), labelled=False)
+                    class_to_model_index={}, n_files=len(selected) + len(skipped), skipped_files=skipped,
+                    labelled=False)
+
+
+def _not_files(root: Path, not_files: dict[Path, str], limit: int | None) -> dict[str, str]:
+    """Entries that are no regular file, counted as skipped images (a --limit subset holds images only)."""
+    return {} if limit is not None else {os.path.relpath(path, root): why for path, why in not_files.items()}
 
 
 def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Path | None = None,
@@ -122,8 +211,7 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
     if not root.is_dir():
         raise UsageError(f"data folder {root} does not exist")
     try:
-        folder = ImageFolder(root, transform=create_transform(**loaded.data_config, is_training=False),
-                             allow_empty=True)
+        folder = _ImageFolder(root, transform=create_transform(**loaded.data_config, is_training=False))
     except FileNotFoundError:
         raise UsageError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)") from None
     if not folder.samples:
@@ -142,31 +230,45 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
             raise UsageError(f"--limit must be at least 1, got {limit}")
         selected = _balanced_subset([t for _, t in folder.samples], limit, seed)
         dataset = Subset(folder, selected)
+    skipped = _not_files(root, folder.not_files, limit)
+    if strict and skipped:
+        path, why = next(iter(skipped.items()))
+        raise RunError(f"unreadable image {root / path}: {why}")
     return ImageSet(
         dataset=dataset,
         root=root,
         fingerprint=_fingerprint(root, [folder.samples[i] for i in selected], model_index),
         class_to_model_index=mapping,
         strict=strict,
-        n_files=len(selected),
+        n_files=len(selected) + len(skipped),
+        skipped_files=skipped,
     )
 
 
 def _read_class_map(path: Path, folders: list[str], num_classes: int) -> dict[str, int]:
-    """A JSON object {folder: index}, or lines "folder index" (whitespace or comma separated)."""
+    """A JSON object {folder: index}, or lines "folder index" (whitespace or comma separated); integers only."""
     if not path.is_file():
         raise UsageError(f"class map {path} does not exist")
-    text = path.read_text()
+    expected = "(expected {folder: class index} or lines 'folder index')"
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             raw = json.loads(text)
             if not isinstance(raw, dict):
-                raise ValueError("expected a JSON object {folder: class index}")
+                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+            pairs = list(raw.items())
         else:
-            raw = dict(line.replace(",", " ").split() for line in text.splitlines() if line.strip())
-        mapping = {str(name): int(index) for name, index in raw.items()}
-    except ValueError as error:
-        raise UsageError(f"class map {path}: {error} (expected {{folder: class index}} or lines 'folder index')") from None
+            pairs = [tuple(line.replace(",", " ").split()) for line in text.splitlines() if line.strip()]
+            short = next((n for n, pair in enumerate(pairs, start=1) if len(pair) != 2), None)
+            if short is not None:
+                raise ValueError(f"entry {short} is not 'folder index'")
+        mapping = {str(name): _class_index(name, index) for name, index in pairs}
+    except UnicodeDecodeError:
+        raise UsageError(f"class map {path} is not UTF-8 text {expected}") from None
+    except OSError as error:
+        raise UsageError(f"cannot read class map {path}: {error.strerror or error}") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested deeper than Python's stack
+        raise UsageError(f"class map {path}: {str(error).splitlines()[0]} {expected}") from None
     missing = [name for name in folders if name not in mapping]
     if missing:
         raise UsageError(f"class map {path} has no index for folder(s) {_some(missing)}")
@@ -174,6 +276,15 @@ def _read_class_map(path: Path, folders: list[str], num_classes: int) -> dict[st
     if outside:
         raise UsageError(f"class map {path}: index of {_some(outside)} outside the model's 0..{num_classes - 1}")
     return {name: mapping[name] for name in folders}
+
+
+def _class_index(name, value) -> int:
+    """A class index as written: a JSON integer or a string of digits (not 5.9, not true)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    raise ValueError(f"the index of {name!r} must be an integer, got {json.dumps(value)[:40]}")
 
 
 def _infer_class_mapping(root: Path, folders: list[str], loaded: LoadedModel) -> dict[str, int]:
@@ -250,6 +361,8 @@ class _IndexedOrUnreadable(Dataset):
             image, label = self.dataset[index]
         except UnidentifiedImageError:
             return index, None, "not an image format PIL can read"
+        except TOO_LARGE_ERRORS:
+            return index, None, f"more pixels than PIL's limit of {Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
         except UNREADABLE_ERRORS as error:
             return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
         return index, image, label

@@ -13,7 +13,7 @@ from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
 from .models import LoadedModel, autocast
-from .outcomes import BatchOutcome, Outcomes, agreement
+from .outcomes import BatchOutcome, Comparison, Outcomes
 from .workload import Workload, patched_view
 
 Progress = Callable[[int, int], None]
@@ -84,12 +84,11 @@ class EvalReport:
     interrupted: bool = False  # the pass stopped early: the figures cover the images measured so far
 
     @property
-    def agreement(self) -> float:
-        """Percent of images where the method's top-1 class equals the unmerged model's."""
-        return agreement(self.merged, self.baseline)
+    def comparison(self) -> Comparison:
+        return Comparison(self.merged, self.baseline)
 
     def to_dict(self) -> dict:
-        n = self.merged.n_images
+        n, figures = self.merged.n_images, self.comparison
         return {
             "model": self.model,
             "model_tag": self.model_tag,
@@ -104,14 +103,14 @@ class EvalReport:
             "workers": self.workers,
             "data": self.data,
             "data_fingerprint": self.data_fingerprint,
-            "top1": self.merged.top1,
-            "top5": self.merged.top5,
-            "gflops": self.merged.gflops,
-            "baseline_top1": self.baseline.top1,
-            "baseline_top5": self.baseline.top5,
-            "baseline_gflops": self.baseline.gflops,
-            "gflops_reduction": 100.0 * (1.0 - self.merged.gflops / self.baseline.gflops),
-            "agreement": self.agreement,
+            "top1": figures.top1,
+            "top5": figures.top5,
+            "gflops": figures.gflops,
+            "baseline_top1": figures.baseline_top1,
+            "baseline_top5": figures.baseline_top5,
+            "baseline_gflops": figures.baseline_gflops,
+            "gflops_reduction": figures.gflops_reduction,
+            "agreement": figures.agreement,
             "images_per_sec": n / self.model_seconds,
             "baseline_images_per_sec": n / self.baseline_model_seconds,
             "end_to_end_images_per_sec": n / self.end_to_end_seconds,

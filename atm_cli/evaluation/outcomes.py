@@ -122,6 +122,53 @@ def agreement(merged: Outcomes, unmerged: Outcomes) -> float:
     return 100.0 * float((merged.predictions[:n] == unmerged.predictions[:n]).sum()) / n
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A setting's run beside the unmerged model's on the same images: the figures every report gives
+    (accuracies in percent, None without labels; GFLOPs per image)."""
+
+    merged: Outcomes
+    baseline: Outcomes
+    labelled: bool = True
+
+    @property
+    def n_images(self) -> int:
+        return self.merged.n_images
+
+    @property
+    def top1(self) -> float | None:
+        return self.merged.top1 if self.labelled else None
+
+    @property
+    def top5(self) -> float | None:
+        return self.merged.top5 if self.labelled else None
+
+    @property
+    def baseline_top1(self) -> float | None:
+        return self.baseline.top1 if self.labelled else None
+
+    @property
+    def baseline_top5(self) -> float | None:
+        return self.baseline.top5 if self.labelled else None
+
+    @property
+    def gflops(self) -> float:
+        return self.merged.gflops
+
+    @property
+    def baseline_gflops(self) -> float:
+        return self.baseline.gflops
+
+    @property
+    def gflops_reduction(self) -> float:
+        """Percent fewer GFLOPs than the unmerged model."""
+        return 100.0 * (1.0 - self.gflops / self.baseline_gflops)
+
+    @property
+    def agreement(self) -> float:
+        return agreement(self.merged, self.baseline)
+
+
 def pack_bits(values: np.ndarray) -> str:
     return base64.b64encode(np.packbits(values.astype(bool)).tobytes()).decode("ascii")
 

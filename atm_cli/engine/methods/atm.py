@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Deferred, MethodConfig, Param, Plan, Reduction
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,9 +20,12 @@ class ATMConfig(MethodConfig):
 
     theta_l = max(alpha - (exp(beta * (l - 1)) - 1), theta_min) for block l (1-based); blocks up to
     `split_layer` split tokens alternately, later ones by merging size (None: round(0.75 * L)).
+    `r_multiple` > 1 rounds each block's r down to a multiple of it: not the paper's r, but fewer
+    distinct token counts, so a compiled model meets a small, bounded set of shapes.
     """
 
     NAME = "atm"
+    FIXED_SHAPES = False  # r is decided by the batch's content in every block
     SUMMARY = "Adaptive Token Merging: a similarity threshold per block, falling with depth (the paper)"
     PARAMS = (
         Param("alpha", float, "threshold of the first block", **THRESHOLD),
@@ -30,6 +33,8 @@ class ATMConfig(MethodConfig):
         Param("theta_min", float, "the lowest threshold", **THRESHOLD),
         Param("split_layer", int, "last block with alternate matching (none: round(0.75 L))", low=0, optional=True),
         Param("prop_attn", bool, "proportional attention (log-size term)"),
+        Param("r_multiple", int, "r rounded down to a multiple of this (1: the paper's r; larger: fewer token-count "
+              "shapes, which a compiled model compiles once each)", low=1),
     )
 
     alpha: float
@@ -37,6 +42,7 @@ class ATMConfig(MethodConfig):
     theta_min: float
     split_layer: int | None = None
     prop_attn: bool = True
+    r_multiple: int = 1
     # Per-block thresholds replacing Eq. (1), for analyses such as merging in one block only (Fig. 2).
     block_thresholds: tuple[float, ...] | None = None
     # The contract's last-block shortcut for heads that read prefix tokens only; off merges there as usual.
@@ -53,8 +59,8 @@ class ATMConfig(MethodConfig):
         return cls(alpha=threshold, beta=0.0, theta_min=threshold, **kwargs)
 
     def plan(self, model: "nn.Module") -> Plan:
-        from ..merge import adaptive_r, alternate_split, bipartite_match, merge_closure, size_distinctive_split
-        from ..merge import weighted_reduction
+        from ..merge import alternate_slices, batch_r, bipartite_match, count_above, merge_closure
+        from ..merge import size_distinctive_split, weighted_reduction
 
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
         thresholds = threshold_schedule(self, depth)
@@ -71,15 +77,21 @@ class ATMConfig(MethodConfig):
                     return t[:, :num_prefix]
                 return Reduction(prefix(block.x), None if block.size is None else prefix(block.size), prefix)
             if block.index < split_layer:  # block index + 1 <= split_layer
-                split = alternate_split(batch, n_tokens, num_prefix, block.metric.device)
+                split = alternate_slices(num_prefix)
             else:
                 split = size_distinctive_split(block.size, batch, n_tokens, num_prefix, block.metric.device)
             matching = bipartite_match(block.metric, *split)
-            r = adaptive_r(matching, thresholds[block.index])
-            macs = split[0].shape[1] * split[1].shape[1] * head_dim
-            if r == 0:
-                return Reduction(block.x, block.size, lambda t: t, macs)
-            return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size, macs)
+            macs = matching.similarity_macs(n_tokens, head_dim)
+
+            def decide(total: int) -> int:
+                return batch_r(total, batch, matching.mergeable, self.r_multiple)
+
+            def finish(r: int) -> Reduction:
+                if r == 0:
+                    return Reduction(block.x, block.size, lambda t: t, macs)
+                return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size, macs)
+
+            return Deferred(count_above(matching, thresholds[block.index]), decide, finish)
 
         return Plan(step, thresholds=thresholds)
 

@@ -102,6 +102,9 @@ class MethodConfig:
     NAME: ClassVar[str]
     SUMMARY: ClassVar[str]
     PARAMS: ClassVar[tuple[Param, ...]]
+    # Token counts follow from the input's shape alone, and each image is reduced independently of the others:
+    # a compiled model then needs one graph per batch size, and a short batch may be padded to it.
+    FIXED_SHAPES: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for param in self.PARAMS:
@@ -175,10 +178,23 @@ class Reduction:
 
 
 @dataclass
+class Deferred:
+    """A reduction that waits for one integer from the host: `decide` turns `total` (a 0-d integer tensor, e.g.
+    ATM's count of pairs above the threshold over the batch) into r, `finish(r)` is the reduction.
+
+    The engine reads `total` and runs `decide` outside any compiled graph, so that a compiled model
+    specialises its next segment on r itself, not on the raw count (fewer distinct segments)."""
+
+    total: "Tensor"
+    decide: Callable[[int], int]
+    finish: Callable[[int], "Reduction | None"]
+
+
+@dataclass
 class Plan:
     """A method made concrete for one model: its step, and the blocks that need attention probabilities."""
 
-    step: Callable[[BlockInput], Reduction | None]
+    step: Callable[[BlockInput], "Reduction | Deferred | None"]
     attention_blocks: frozenset[int] = frozenset()
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
     per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean

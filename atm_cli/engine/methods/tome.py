@@ -32,20 +32,19 @@ class ToMeConfig(MethodConfig):
         return Knob("r", image_tokens // 2, lambda r: cls(r=r))
 
     def plan(self, model: "nn.Module") -> Plan:
-        from ..merge import alternate_split, bipartite_match, merge_closure, weighted_reduction
+        from ..merge import alternate_slices, bipartite_match, merge_closure, weighted_reduction
 
         num_prefix = model.num_prefix_tokens
         per_block = tome_schedule(self, len(model.blocks))
 
         def step(block: BlockInput) -> Reduction | None:
-            batch, n_tokens, head_dim = block.metric.shape
+            _, n_tokens, head_dim = block.metric.shape
             r = min(per_block[block.index], (n_tokens - num_prefix) // 2)  # ToMe's cap: half the image tokens
             if r <= 0:
                 return None
-            split = alternate_split(batch, n_tokens, num_prefix, block.metric.device)
-            matching = bipartite_match(block.metric, *split)
+            matching = bipartite_match(block.metric, *alternate_slices(num_prefix))
             return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size,
-                                      split[0].shape[1] * split[1].shape[1] * head_dim)
+                                      matching.similarity_macs(n_tokens, head_dim))
 
         return Plan(step)
 

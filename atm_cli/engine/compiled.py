@@ -1,0 +1,114 @@
+"""A patched (or unpatched) model compiled once per batch size by `torch.compile`, with static shapes.
+
+A method whose token counts follow from the input's shape (`MethodConfig.FIXED_SHAPES`: ToMe, EViT,
+Zero-TPrune, PiToMe, MCTF, and the unmerged model) compiles to one graph (`fullgraph=True`,
+`dynamic=False`), which `mode="reduce-overhead"` replays as a CUDA graph on the GPU: no Python and
+no host synchronisation per forward. The batch size is fixed by the first call (or `batch_size`); a
+shorter batch, such as a data set's last, is padded with copies of its last image, whose results are
+dropped (each image is reduced independently of the others, so the real images' logits and token
+counts are those of an unpadded run); a longer one runs eagerly. Nothing recompiles per size.
+
+ATM decides r from the batch's content in every block (one host synchronisation each): its forward
+compiles as one graph per block segment, split at that synchronisation, and each distinct
+(block, tokens in, r) compiles once; `ATMConfig(r_multiple=g)` bounds how many there are. Its short
+batches run eagerly (padding would move the batch-adaptive r).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import Tensor, nn
+
+from .patching import _STATE
+
+# ATM's segments are resumptions of one code object, each (block, tokens, r) a cache entry of it.
+ATM_VARIANT_LIMIT = 4096
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class CompiledModel:
+    """`compiled(images)` -> logits, as `model(images)` gives them; `last_trace(compiled.model)` is the trace.
+
+    `fixed_shapes`: one graph serves every batch of `batch_size` (else: ATM's per-segment graphs).
+    `last_path`: how the last call ran: "compiled", "padded" (compiled, a short batch padded) or "eager".
+    `compile_seconds`: wall time of the calls during which something compiled (`last_compiled` says
+    whether the last one did), so that a throughput figure can leave them out. `variants`: graphs
+    compiled for this model so far.
+    """
+
+    def __init__(self, model: nn.Module, mode: str | None = None, batch_size: int | None = None,
+                 backend: str = "inductor") -> None:
+        state = getattr(model, _STATE, None)
+        self.model = model
+        self.mode = mode
+        self.fixed_shapes = state is None or type(state.config).FIXED_SHAPES
+        self.batch_size = batch_size
+        self.compile_seconds = 0.0
+        self.variants = 0
+        self.last_path = ""
+        self.last_compiled = False
+        self._graphs = mode == "reduce-overhead"  # CUDA graphs: outputs live in buffers the next replay reuses
+        self._run = torch.compile(model, fullgraph=self.fixed_shapes, dynamic=False, mode=mode, backend=backend)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.batch_size is None:
+            self.batch_size = images.shape[0]
+        n_images = images.shape[0]
+        if n_images == self.batch_size:
+            self.last_path = "compiled"
+            return self._compiled(images)
+        if n_images < self.batch_size and self.fixed_shapes:
+            self.last_path = "padded"
+            padding = images[-1:].expand(self.batch_size - n_images, *images.shape[1:])
+            logits = self._compiled(torch.cat([images, padding]))[:n_images]
+            self._trim_trace(n_images)
+            return logits
+        self.last_path, self.last_compiled = "eager", False
+        return self.model(images)
+
+    def _compiled(self, images: Tensor) -> Tensor:
+        before, start = _graphs_compiled(), time.perf_counter()
+        if self._graphs and images.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.fixed_shapes:
+            logits = self._run(images)
+        else:
+            with torch._dynamo.config.patch(recompile_limit=ATM_VARIANT_LIMIT,
+                                            accumulated_recompile_limit=ATM_VARIANT_LIMIT):
+                logits = self._run(images)
+        if self._graphs:
+            logits = logits.clone()
+            self._trim_trace(images.shape[0])  # copies the trace's tensors out of the graph's buffers
+        compiled = _graphs_compiled() - before
+        self.last_compiled = compiled > 0
+        if compiled:
+            self.variants += compiled
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)
+            self.compile_seconds += time.perf_counter() - start
+        return logits
+
+    def _trim_trace(self, n_images: int) -> None:
+        """The trace's per-image tensors for the first `n_images` images only (copies)."""
+        state = getattr(self.model, _STATE, None)
+        if state is None or state.trace is None:
+            return
+        trace = state.trace
+        state.trace = dataclasses.replace(
+            trace, size=None if trace.size is None else trace.size[:n_images].clone(),
+            source=None if trace.source is None else trace.source[:n_images].clone())
+
+
+def compile_patched(model: nn.Module, mode: str | None = None, batch_size: int | None = None,
+                    backend: str = "inductor") -> CompiledModel:
+    """Compile `model` as it is patched now (patch it first; unpatched: the unmerged model).
+
+    `mode`: torch.compile's ("reduce-overhead" on CUDA: CUDA graphs). `batch_size`: the compiled batch
+    size (None: the first call's). Patching the model again afterwards needs a new `compile_patched`.
+    """
+    return CompiledModel(model, mode=mode, batch_size=batch_size, backend=backend)
