@@ -92,7 +92,9 @@ def multi_criteria_scores(tokens: "Tensor", received: "Tensor", size: "Tensor", 
     pair product raised to 1 / tau (1 when tau is 0).
 
     Similarity: (cos + 1) / 2 of the tokens. Informativeness: 1 / attention received, and size: 1 / size,
-    each divided by its largest value in the image, so that rarely attended and small tokens attract.
+    so that rarely attended and small tokens attract, each divided by its largest value in the image (which
+    scales all of the image's pairs alike, so it decides nothing). Nothing spans the batch: each image is
+    matched as it would be alone, as in the official code.
     """
     import torch
     import torch.nn.functional as F

@@ -21,11 +21,14 @@ RATIO_STEPS = 20
 
 @dataclass(frozen=True)
 class PiToMeConfig(MethodConfig):
-    """In every block, merge r = floor(T - T * ratio) of its T image tokens.
+    """In every block, merge r = floor(T - T * ratio) of its T image tokens, paired by energy rank.
 
-    The 2r tokens of highest energy (those in large clusters of similar tokens) split alternately, by
-    energy rank, into r sources and r destinations; each source merges into its most similar
-    destination. Block l (0-based, of L) uses the margin `margin * (1 - l / L)`.
+    Image tokens are ranked by energy (high: many close neighbours, a redundant cluster). In the first
+    `unprotected_blocks` blocks (None: the first half, ceil(L / 2), as the official DeiT evaluation runs
+    it) all T split alternately by rank into sets a and b, and the r a-tokens closest to a b-token merge
+    into it (bipartite soft matching, nothing protected). In the other blocks only the 2r of highest
+    energy split so, and each of their r a-tokens merges into its closest b-token; the low-energy,
+    distinctive rest is protected. Block l (0-based, of L) uses the margin `margin * (1 - l / L)`.
     """
 
     NAME = "pitome"
@@ -35,12 +38,15 @@ class PiToMeConfig(MethodConfig):
         Param("margin", float, "energy margin of the first block, falling linearly with depth", low=-1.0, high=1.0),
         Param("alpha", float, "slope of the energy's exponential part, below the margin", low=0.0, low_open=True),
         Param("prop_attn", bool, "proportional attention (log-size term)"),
+        Param("unprotected_blocks", int, "leading blocks that merge with no protected tokens (none: ceil(L / 2), "
+                                         "the official DeiT setting; 0: every block protects)", low=0, optional=True),
     )
 
     ratio: float = 0.95
-    margin: float = 0.9
+    margin: float = 0.75
     alpha: float = 1.0
-    prop_attn: bool = True
+    prop_attn: bool = False
+    unprotected_blocks: int | None = None
 
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
@@ -49,8 +55,11 @@ class PiToMeConfig(MethodConfig):
     def plan(self, model: "nn.Module") -> Plan:
         from ..merge import merge_closure, weighted_reduction
 
-        num_prefix = model.num_prefix_tokens
-        margins = margin_schedule(self.margin, len(model.blocks))
+        num_prefix, depth = model.num_prefix_tokens, len(model.blocks)
+        margins = margin_schedule(self.margin, depth)
+        unprotected = math.ceil(depth / 2) if self.unprotected_blocks is None else self.unprotected_blocks
+        if unprotected > depth:
+            raise ValueError(f"PiToMe unprotected_blocks={unprotected} exceeds the model's {depth} blocks")
 
         def step(block: BlockInput) -> Reduction | None:
             _, n_tokens, head_dim = block.metric.shape
@@ -58,7 +67,8 @@ class PiToMeConfig(MethodConfig):
             r = math.floor(n_image - n_image * self.ratio)  # the official expression, rounding included
             if r <= 0:
                 return None
-            matching = energy_matching(block.metric, num_prefix, r, margins[block.index], self.alpha)
+            matching = energy_matching(block.metric, num_prefix, r, margins[block.index], self.alpha,
+                                       protect=block.index >= unprotected)
             return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size,
                                       n_image * n_image * head_dim)
 
@@ -79,13 +89,15 @@ def energy_score(similarity: "Tensor", margin: float, alpha: float) -> "Tensor":
     return F.elu(similarity - margin, alpha=alpha).mean(dim=-1)
 
 
-def energy_matching(metric: "Tensor", num_prefix: int, r: int, margin: float, alpha: float) -> "Matching":
+def energy_matching(metric: "Tensor", num_prefix: int, r: int, margin: float, alpha: float,
+                    protect: bool) -> "Matching":
     """PiToMe's pairs as a `Matching` for `merge_closure(matching, r, num_prefix)`.
 
-    Image tokens are ranked by energy (descending, stable); of the top 2r, even ranks form set a and odd
-    ranks set b, and each a-token's partner is its most similar b-token. The protected tokens (the rest)
-    join set a with no partner (-inf), so the r merges take exactly the a-tokens and the protected tokens
-    stay, in energy order, between the prefix and the b-tokens, the order of the official code.
+    Image tokens are ranked by energy (descending, stable); even ranks form set a, odd ranks set b, and
+    each a-token's partner is its most similar b-token. With `protect`, only the top 2r ranks split so:
+    the rest (the protected tokens) join set a with no partner (-inf), so the r merges take exactly the
+    a-tokens and the protected tokens stay, in energy order, between the prefix and the b-tokens. Without,
+    all ranks split and the r a-tokens with the most similar partners merge (bipartite soft matching).
     """
     import torch
     import torch.nn.functional as F
@@ -93,11 +105,13 @@ def energy_matching(metric: "Tensor", num_prefix: int, r: int, margin: float, al
     from ..merge import NORM_EPS, Matching
 
     image = F.normalize(metric[:, num_prefix:].float(), dim=-1, eps=NORM_EPS)
-    batch, n_image, _ = image.shape
+    n_image = image.shape[1]
     similarity = image @ image.transpose(1, 2)
     ranked = torch.sort(energy_score(similarity, margin, alpha), dim=1, descending=True, stable=True).indices
-    a, b, protected = ranked[:, 0:2 * r:2], ranked[:, 1:2 * r:2], ranked[:, 2 * r:]
-    a_to_b = similarity.gather(1, a[..., None].expand(-1, -1, n_image)).gather(2, b[:, None, :].expand(-1, r, -1))
+    eligible = 2 * r if protect else n_image
+    a, b, protected = ranked[:, 0:eligible:2], ranked[:, 1:eligible:2], ranked[:, eligible:]
+    a_rows = similarity.gather(1, a[..., None].expand(-1, -1, n_image))
+    a_to_b = a_rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1))
     best, best_j = a_to_b.max(dim=-1)
     return Matching(
         a_pos=torch.cat([a, protected], dim=1) + num_prefix,
