@@ -29,7 +29,7 @@ from atm_cli.evaluation import BatchOutcome, Outcomes
 
 from .goals import Goal, Standing
 from .space import SearchSpace
-from .study import SurplusTrial, up_to
+from .study import InterruptsOutsideTrials, SurplusTrial, up_to
 from .trials import (CONSTRAINT, FINISHED, REASON_ATTR, REPEATS_ATTR, SETTING_ATTR, WORKER, WORKER_ATTR, Finished,
                      has_outcomes, record, setting_key)
 
@@ -239,8 +239,8 @@ class Search:
             return
         # The callback stops this process when trials from every process sharing the study reach n_trials.
         stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
-        with interruptible(study):
-            study.optimize(up_to(n_trials, self.objective), n_trials=remaining, timeout=timeout,
+        with interruptible(study), InterruptsOutsideTrials() as interrupts:
+            study.optimize(interrupts.inside(up_to(n_trials, self.objective)), n_trials=remaining, timeout=timeout,
                            callbacks=[after_trial, stop], catch=(SurplusTrial,))
 
     def try_setting(self, study: optuna.Study, config: ATMConfig, n_trials: int,

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +38,8 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
 SEEDING_ATTR = "seeding"  # {"by": worker, "done": bool}: who seeds the study, and whether it finished
 CREATE_TRIES = 5  # processes creating one RDB's tables at once: all but one fail, and retry
+# How SQLite and PostgreSQL report a table, or a unique row, that another process created a moment earlier.
+CREATE_RACE_SIGNS = ("already exists", "duplicate key", "UNIQUE constraint failed")
 SETUP_WAIT_SECONDS = 10  # a process that lost the create race waits this long for the winner's setup
 SQLITE_TIMEOUT_SECONDS = 60  # several processes on one SQLite file wait for its lock, not fail
 
@@ -98,8 +102,8 @@ def _open_rdb(url: str) -> RDBStorage:
                 return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
                                   grace_period=GRACE_SECONDS)
         except SQLAlchemyError as error:
-            # Another process created the tables between this one's check and its CREATE TABLE.
-            racing = "already exists" in str(error) or "duplicate key" in str(error)
+            # Another process created the tables (or their version record) between this one's check and its write.
+            racing = any(sign in str(error) for sign in CREATE_RACE_SIGNS)
             if not racing or attempt + 1 == CREATE_TRIES:
                 raise
             time.sleep(random.uniform(0.1, 0.5))
@@ -267,7 +271,10 @@ def claim_seeding(study: optuna.Study) -> bool:
 
 
 def finish_seeding(study: optuna.Study) -> None:
-    if SEEDING_ATTR in study.user_attrs:
+    """Mark the seeding done, when this process ran it: one that joined while another seeded must leave the
+    record alone, or a kill of the seeder would go unnoticed and the seed never run."""
+    state = study.user_attrs.get(SEEDING_ATTR)
+    if state is not None and state.get("by") == WORKER:
         study.set_user_attr(SEEDING_ATTR, {"by": WORKER, "done": True})
 
 
@@ -289,6 +296,63 @@ def up_to(n_trials: int, objective: Callable[[optuna.Trial], float]) -> Callable
         return objective(trial)
 
     return bounded
+
+
+class InterruptsOutsideTrials:
+    """A with-block in which Ctrl-C and SIGTERM reach only the objectives made by `inside`; one that lands between
+    trials is held, and raised when the next trial starts or when the block ends.
+
+    Optuna's bookkeeping between trials (telling the storage a trial's result) cannot be interrupted: an interrupt
+    there ends in an unrelated error (a traceback, exit 1) instead of the one line that says what is kept. Only
+    the main thread can take signals; elsewhere the block changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, Any] = {}  # the handlers the block stands in for
+        self.held: int | None = None  # a signal that landed between trials
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def _hold(self, signum: int, frame) -> None:
+        self.held = signum
+
+    def _close(self) -> None:
+        if self.active:
+            self.handlers = {number: signal.signal(number, self._hold) for number in self.SIGNALS}
+
+    def _open(self) -> None:
+        """The handlers back; a signal held meanwhile is handled now, as it would have been when it came."""
+        if not self.active:
+            return
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+        held, self.held = self.held, None
+        if held is None:
+            return
+        handler = self.handlers[held]
+        if callable(handler):
+            handler(held, None)  # Python's Ctrl-C handler, or atm's SIGTERM one: raises KeyboardInterrupt
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), held)
+
+    def __enter__(self) -> InterruptsOutsideTrials:
+        self._close()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:  # an interrupt (or a failure) already on its way out: the held one adds nothing
+            self.held = None
+        self._open()
+
+    def inside(self, objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+        def interruptible(trial: optuna.Trial) -> float:
+            self._open()
+            try:
+                return objective(trial)
+            finally:
+                self._close()
+
+        return interruptible
 
 
 def finished_trials(url_or_path: str | None, study_name: str | None) -> int:

@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from atm_cli.errors import AtmError
 
 from . import checks
+from .model_data import INTERRUPTED_EXIT_CODE
 
 # The hub logs every retry of a download that cannot work offline; the one error line after it says enough.
 logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
@@ -61,7 +62,8 @@ class _Group(_SwitchesTakeNoValue, TyperGroup):
 
 
 class _ReportingGroup(_Group):
-    """Turns the library's user-facing errors into one line on stderr and their exit code."""
+    """Turns the library's user-facing errors into one line on stderr and their exit code; an interrupt that
+    no command caught (it came before anything was finished) into one line too."""
 
     def invoke(self, ctx):
         try:
@@ -70,6 +72,9 @@ class _ReportingGroup(_Group):
             message = " ".join(str(error).split())
             typer.echo(f"atm: error: {message}", err=True)
             raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted before a result was ready: nothing was kept", err=True)
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
 app = typer.Typer(

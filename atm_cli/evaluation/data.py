@@ -67,16 +67,19 @@ def load_rgb(path: str) -> Image.Image:
     return Image.fromarray(np.rint(pixels * scale).astype(np.uint8), "L").convert("RGB")
 
 
-def _list_images(top: Path, seen: set[str], not_files: dict[Path, str]) -> list[Path]:
-    """Image files under `top` in os.walk's sorted order, each real folder and file once (`seen`: real paths
-    taken so far); entries that are no regular file go to `not_files` with the reason."""
-    folders, pending = [], [top]
+def _list_images(top: Path, seen: set[str], not_files: dict[Path, str],
+                 elsewhere: frozenset[str] = frozenset()) -> list[Path]:
+    """Image files under `top` in sorted path order, each real folder once and each real file once (`seen`: real
+    paths of the files taken so far); folders in `elsewhere` (real paths: the data folder and the other classes'
+    folders, which a link up the tree reaches) are not entered. Entries that are no regular file go to
+    `not_files` with the reason."""
+    folders, pending, entered = [], [top], set(elsewhere)
     while pending:
         folder = pending.pop()
         real = os.path.realpath(folder)
-        if real in seen:
+        if real in entered:
             continue  # a link back up the tree, or a second link to a folder already read
-        seen.add(real)
+        entered.add(real)
         folders.append(folder)
         with os.scandir(folder) as entries:
             pending.extend(Path(entry.path) for entry in entries if entry.is_dir())
@@ -112,8 +115,11 @@ class _ImageFolder(ImageFolder):
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         seen: set[str] = set()
+        real = {name: os.path.realpath(Path(directory) / name) for name in class_to_idx}
+        tops = frozenset({os.path.realpath(directory), *real.values()})
+        # A link up the tree into another class's folder would give its images this class's label.
         return [(str(path), class_to_idx[name]) for name in sorted(class_to_idx)
-                for path in _list_images(Path(directory) / name, seen, self.not_files)]
+                for path in _list_images(Path(directory) / name, seen, self.not_files, tops - {real[name]})]
 
 
 @dataclass
@@ -245,6 +251,9 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
     )
 
 
+JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+
+
 def _read_class_map(path: Path, folders: list[str], num_classes: int) -> dict[str, int]:
     """A JSON object {folder: index}, or lines "folder index" (whitespace or comma separated); integers only."""
     if not path.is_file():
@@ -255,7 +264,7 @@ def _read_class_map(path: Path, folders: list[str], num_classes: int) -> dict[st
         if path.suffix == ".json":
             raw = json.loads(text)
             if not isinstance(raw, dict):
-                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+                raise ValueError(f"a JSON {JSON_TYPES.get(type(raw), type(raw).__name__)}, not an object")
             pairs = list(raw.items())
         else:
             pairs = [tuple(line.replace(",", " ").split()) for line in text.splitlines() if line.strip()]
