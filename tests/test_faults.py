@@ -436,9 +436,9 @@ def test_a_class_map_of_any_shape_is_answered_in_one_line(name, content, message
 
 
 @pytest.mark.parametrize("duplicate", ["batch_size: 3\n", "params:\n  alpha: 0.9\n"], ids=["top", "nested"])
-def test_a_preset_with_a_duplicate_key_is_refused(duplicate, tmp_path):
+def test_a_preset_with_a_duplicate_key_is_refused(duplicate, tmp_path, model_never_loads):
     """A hand-edited preset sets a key twice (YAML would let the last win, silently). Lost: nothing. Seen: one
-    line naming the key and its line, exit 2."""
+    line naming the key and its line, exit 2, before the model loads."""
     text = (bundled_presets_dir() / "atm-demo-no-drop.yaml").read_text()
     if duplicate.startswith("params"):
         text = text.replace("params:\n", "params:\n  alpha: 0.9\n", 1)

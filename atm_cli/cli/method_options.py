@@ -72,6 +72,8 @@ class MethodFlags:
             self._given()  # ATM's missing parameters come from the default setting, at resolve time
         elif self.method_name not in (None, NO_METHOD):
             self._params()
+        if self.preset is not None:
+            find_preset(self.preset, force=True)  # read and checked now; whether it fits the model, once loaded
 
     @property
     def method_name(self) -> str | None:
