@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -615,3 +616,88 @@ def test_sigterm_during_a_calibration_keeps_its_trials_and_the_same_command_resu
     assert resumed.exit_code == 0, resumed.output
     after = journal_trials(journal)
     assert {number: after[number] for number in kept} == kept and len(after) == len(kept) + 1
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------------------------
+
+def postgres_programs() -> Path | None:
+    """The folder of initdb and pg_ctl: on PATH, or where Debian's `postgresql` package puts them."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return installed[-1].parent if installed else None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    """A PostgreSQL server of the test run's own (a new cluster in a temporary folder, a free port, a password);
+    its URL. Skipped with the reason where none can start, unless ATM_REQUIRE_POSTGRES is set (CI)."""
+    required = bool(os.environ.get("ATM_REQUIRE_POSTGRES"))
+    missing = pytest.fail if required else pytest.skip
+    try:
+        import psycopg  # noqa: F401 (SQLAlchemy's driver for postgresql:// URLs)
+    except ImportError:
+        missing("psycopg is not installed (pip install -e '.[test]')")
+    programs = postgres_programs()
+    if programs is None:
+        missing("no PostgreSQL server here (Debian: apt-get install postgresql)")
+    # Not under pytest's temporary folder, which only its owner may enter: the server may run as another user.
+    root = Path(tempfile.mkdtemp(prefix="atm-postgres-"))
+    as_server = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root: the package's own user runs them
+        as_server = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    (root / "password").write_text(PASSWORD)
+    if as_server:
+        shutil.chown(root / "password", "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    try:
+        subprocess.run([*as_server, programs / "initdb", "-D", data, "-U", "atm", "--pwfile", root / "password",
+                        "--auth", "scram-sha-256"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_server, programs / "pg_ctl", "-D", data, "-l", root / "log", "-w", "-t", "60",
+                        "-o", f"-p {port} -h 127.0.0.1 -k {root}", "start"], check=True, capture_output=True,
+                       timeout=120)
+    except (OSError, subprocess.SubprocessError) as error:
+        shutil.rmtree(root, ignore_errors=True)
+        missing(f"the PostgreSQL server did not start: {error}")
+    yield f"postgresql://atm:{PASSWORD}@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_server, programs / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True,
+                   timeout=120)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def rdb_trials(url: str) -> dict[int, tuple]:
+    try:
+        study = optuna.load_study(study_name=STUDY, storage=url)
+    except KeyError:  # not created yet
+        return {}
+    return {t.number: (t.params, t.value, t.state) for t in study.get_trials(states=FINISHED)}
+
+
+@pytest.mark.slow
+def test_postgresql_two_processes_a_kill_and_a_resume(postgres, journal_study):
+    """Two processes start one new study on a PostgreSQL server together; one is killed mid-search. Lost: at
+    most its trial in flight. Seen: the other goes on, the same command resumes, and the study ends with
+    exactly --n-trials; the password is never printed."""
+    args = calibrate_args(journal_study["model"], journal_study["data"], "--storage", postgres, "--study-name",
+                          STUDY, "--n-trials", "8", "--json")
+    killed, other = atm_process(*args, "--seed", "1"), atm_process(*args, "--seed", "2")
+    deadline = time.time() + 300
+    while len(rdb_trials(postgres)) < 2 and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    killed.kill()
+    killed.communicate()
+    before = rdb_trials(postgres)
+    out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err
+    assert PASSWORD not in out + err and json.loads(out)["storage"] == redact(postgres)
+
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert PASSWORD not in resumed.output
+    after = rdb_trials(postgres)
+    assert len(after) == 8 and {number: after[number] for number in before} == before
