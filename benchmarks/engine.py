@@ -11,7 +11,10 @@ Models have random weights (no pretrained weights on these machines). For each m
 precision, the unmerged model, ATM and ToMe (both tuned to about `--reduction` fewer GFLOPs on the first
 batch), each a copy of the model patched once, run in alternation, batch by batch, so that machine noise
 hits them alike; images/s is the median over rounds, each forward synchronised. With `--compile`, the
-copies are also (both) or only (yes) measured through `torch.compile(dynamic=True)`. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
+copies are also (both) or only (yes) measured compiled as `atm --compile on` runs them
+(`atm_cli.engine.compiled`: static shapes, one graph per batch size for ToMe, CUDA graphs on the GPU;
+ATM in per-block segments, and ATM with r rounded to multiples of 8, "ATM g8", which meets fewer
+shapes), compile time left out and reported. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
 1.0 when merging costs nothing beyond the FLOPs it saves (issue target on an H100/H200-class GPU: >= 0.9
 at batch >= 64 in bf16 and fp16), and the attention kernels `scaled_dot_product_attention` chose (read off
 the profiler's op names: flash, efficient, cudnn or math).
@@ -37,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 from torchvision.datasets import ImageFolder
 
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch
+from atm_cli.engine.compiled import compile_patched
 from atm_cli.evaluation.models import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +103,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def prepared(model: torch.nn.Module, config, compiled: bool) -> tuple:
-    """A copy of `model` patched once with `config` (None: unmerged): (what to call, what holds the trace).
-    Compiled with dynamic shapes when asked (ATM's data-dependent r breaks its graph once per block)."""
-    patched = copy.deepcopy(model)
+    """A view of `model` patched once with `config` (None: unmerged): (what to call, what holds the trace),
+    compiled as `atm --compile on` compiles it when asked."""
+    patched = copy.copy(model)
     if config is not None:
         patch(patched, config)
-    return (torch.compile(patched, dynamic=True) if compiled else patched), patched
+    if not compiled:
+        return patched, patched
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+    return compile_patched(patched, mode=mode), patched
 
 
 def measure(model, device, pool, batch_size, precision, reduction, rounds, n_batches, compiled=False) -> list[dict]:
@@ -116,7 +123,10 @@ def measure(model, device, pool, batch_size, precision, reduction, rounds, n_bat
     with torch.inference_mode(), autocast:
         base = gflops_of(model, ToMeConfig(r=0), batches[0])
         target = base * (1 - reduction)
-        methods = {"unmerged": None, "ATM": atm_for(model, batches[0], target), "ToMe": tome_for(model, batches[0], target)}
+        atm = atm_for(model, batches[0], target)
+        methods = {"unmerged": None, "ATM": atm, "ToMe": tome_for(model, batches[0], target)}
+        if compiled:
+            methods["ATM g8"] = ATMConfig(**{**atm.to_params(), "r_multiple": 8})
         runs = {name: prepared(model, config, compiled) for name, config in methods.items()}
         seconds = {name: [] for name in methods}
         gflops = {name: [] for name in methods}
@@ -140,7 +150,9 @@ def measure(model, device, pool, batch_size, precision, reduction, rounds, n_bat
         rows.append({"method": name, "setting": "" if config is None else config.to_params(),
                      "batch_size": batch_size, "precision": precision, "compiled": compiled, "gflops": mean_gflops,
                      "images_per_sec": rate, "speedup": speedup,
-                     "speedup_per_gflops_ratio": speedup / (base / mean_gflops), "kernels": kernels[name]})
+                     "speedup_per_gflops_ratio": speedup / (base / mean_gflops), "kernels": kernels[name],
+                     "compile_seconds": getattr(runs[name][0], "compile_seconds", 0.0),
+                     "graphs": getattr(runs[name][0], "variants", 0)})
     return rows
 
 
@@ -155,11 +167,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reduction", type=float, default=0.30, help="target GFLOPs cut for ATM and ToMe")
     parser.add_argument("--compile", choices=("no", "yes", "both"), default="no",
-                        help="also (both) or only (yes) with every model torch.compile'd (dynamic shapes)")
+                        help="also (both) or only (yes) with every model compiled as atm --compile on does")
     parser.add_argument("--json", type=Path, help="also write every row as JSON (after each measurement)")
     args = parser.parse_args()
-    # Each patched copy and each of ATM's per-block graph pieces is an entry of one code object's cache.
-    torch._dynamo.config.cache_size_limit = 256
 
     device = torch.device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

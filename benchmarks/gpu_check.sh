@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): under 8 minutes on one H100/H200-class GPU.
-#   1. the tests marked `cuda`;  2. the speed benchmark (benchmarks/engine.py);  3. atm eval, atm calibrate
+#   1. the tests marked `cuda`;  2. the speed benchmark (benchmarks/engine.py), eager, then compiled against eager
+#   (DeiT-S, bf16, batch 1 and 64: each model compiles per batch size and precision), and the host-overhead proxy (benchmarks/host_overhead.py);  3. atm eval, atm calibrate
 #   --n-trials 5 and atm stress --limit 500 on the embedded model with --device cuda in fp32, bf16 and fp16.
 # One summary line per part (each part stopped after PART_LIMIT seconds, 240 unless set); the exit status is
 # non-zero when any part failed. Logs and JSON go to $OUT (default: runs/gpu-check). DEVICE=cpu (with
@@ -40,11 +41,16 @@ data=()
 part speed python3 benchmarks/engine.py "${data[@]}" --device "$DEVICE" \
   --models "${MODELS:-deit_small_patch16_224,deit_base_patch16_224}" --batch-sizes "${BATCH_SIZES:-1,8,64,256}" \
   --precisions "$PRECISIONS" --rounds 5 --batches 3 --json "$OUT/speed.json"
+# The compiled engine path (issue 19): eager and compiled side by side; COMPILED_BATCH_SIZES, COMPILED_PRECISIONS widen it.
+part speed-compiled python3 benchmarks/engine.py "${data[@]}" --device "$DEVICE" \
+  --models deit_small_patch16_224 --batch-sizes "${COMPILED_BATCH_SIZES:-1,64}" \
+  --precisions "${COMPILED_PRECISIONS:-bf16}" --compile both --rounds 5 --batches 3 --json "$OUT/speed-compiled.json"
+part host-overhead bash -c "cd benchmarks && python3 host_overhead.py --compile no --json ../$OUT/host-overhead.json"
 for precision in ${PRECISIONS//,/ }; do
   part "eval-$precision" python3 -m atm_cli eval --device "$DEVICE" --precision "$precision" --json
   part "calibrate-$precision" python3 -m atm_cli calibrate --target-reduction 25 --n-trials 5 --device "$DEVICE" \
     --precision "$precision" --json
   part "stress-$precision" python3 -m atm_cli stress --limit 500 --device "$DEVICE" --precision "$precision" --json
 done
-cat "$OUT/speed.log"
+cat "$OUT/speed.log" "$OUT/speed-compiled.log"
 exit $failed

@@ -57,3 +57,26 @@ def test_mixed_precision_on_cuda_gives_finite_logits_and_close_accuracy(on_both,
     full, half = Workload(cpu, batches).run(config), Workload(mixed, batches).run(config)
     assert abs(full.top1 - half.top1) <= 2.0  # points, on 256 images
     assert half.gflops == pytest.approx(full.gflops, rel=0.05)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["tome", "atm"])
+def test_compiled_under_cuda_graphs_equals_eager(on_both, config):
+    """`--compile on` on CUDA: ToMe replays one CUDA graph, ATM its per-block segments; logits and token counts
+    as eager, a short last batch included."""
+    import copy
+
+    from atm_cli.engine import patch
+    from atm_cli.engine.compiled import compile_patched
+
+    _, gpu, batches = on_both
+    torch._dynamo.reset()
+    view = patch(copy.copy(gpu.model), config)
+    compiled = compile_patched(view, mode="reduce-overhead")
+    with torch.inference_mode():
+        for images in [batches[0][0], batches[1][0], batches[2][0][:40]]:
+            images = images.cuda()
+            expected = view(images)
+            expected_tokens = last_trace(view).tokens
+            logits = compiled(images)
+            assert last_trace(view).tokens == expected_tokens
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ Torch, timm and the layers that use them are imported inside the functions that 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,9 @@ PRECISION = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
                          help="Autocast dtype of the model (fp16 needs CUDA). The engine scores and merges in "
                               "float32 whatever it is.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+COMPILE = typer.Option("auto", "--compile", metavar="auto|on|off",
+                       help="Run every setting and the unmerged model through torch.compile (on CUDA: CUDA graphs); "
+                            "compile time is left out of images/s. auto: on for CUDA.")
 RANDOM_WEIGHTS_NOTE = "note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token " \
                       "counts still hold"
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C
@@ -107,26 +111,28 @@ def resolve_model(console: Console, model: str) -> str:
 
 
 def load(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, device: str,
-         precision: str = "fp32", unsafe_checkpoint: bool = False) -> LoadedModel:
+         precision: str = "fp32", unsafe_checkpoint: bool = False, compile: str = "off") -> LoadedModel:
     """The model the flags name, loaded behind a spinner."""
     from atm_cli.evaluation import load_model
 
     model = resolve_model(console, model)
     with console.status(f"loading {model}"):
         loaded = load_model(model, checkpoint=checkpoint, pretrained=pretrained, device=device, precision=precision,
-                            unsafe_checkpoint=unsafe_checkpoint)
+                            unsafe_checkpoint=unsafe_checkpoint, compile=compile)
     if not pretrained:
         console.print(RANDOM_WEIGHTS_NOTE, highlight=False)
+    if loaded.compiled:  # inductor's C++ toolchain probe warns of a missing CUDA runtime on every CPU-only machine
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return loaded
 
 
 def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained: bool, data: Optional[Path],
             default_data: Path, batch_size: int, limit: Optional[int], seed: int, device: str,
-            precision: str = "fp32", unsafe_checkpoint: bool = False) -> Workload:
+            precision: str = "fp32", unsafe_checkpoint: bool = False, compile: str = "off") -> Workload:
     """Load the model and every batch into memory once: each method then runs on the same batches."""
     from atm_cli.evaluation import Workload, load_image_folder, preload
 
-    loaded = load(console, model, checkpoint, pretrained, device, precision, unsafe_checkpoint)
+    loaded = load(console, model, checkpoint, pretrained, device, precision, unsafe_checkpoint, compile)
     with console.status("loading images"):
         root = data if data is not None else default_data
         images = load_image_folder(root, loaded, limit=limit, seed=seed)
@@ -135,7 +141,7 @@ def prepare(console: Console, model: str, checkpoint: Optional[Path], pretrained
         console.print(f"skipped {images.skipped} unreadable image(s)", highlight=False)
     workload = Workload(loaded, batches, images.source)
     console.print(f"{loaded.name}: {workload.n_images} images from {root}, batch {batch_size}, {loaded.device}, "
-                  f"{loaded.precision}", highlight=False)
+                  f"{loaded.precision}{', compiled' if loaded.compiled else ''}", highlight=False)
     return workload
 
 

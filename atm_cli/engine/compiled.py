@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from .patching import _STATE
 
-# ATM's segments are resumptions of one code object, each (block, tokens, r) a cache entry of it.
-ATM_VARIANT_LIMIT = 4096
+# Every patched view of a model shares the forward's code object, and ATM's segments are resumptions of one
+# code object, each (block, tokens, r) a cache entry of it: dynamo's default limit (8) would fall back to eager.
+VARIANT_LIMIT = 4096
 
 
 def _graphs_compiled() -> int:
@@ -65,7 +66,9 @@ class CompiledModel:
         if n_images < self.batch_size and self.fixed_shapes:
             self.last_path = "padded"
             padding = images[-1:].expand(self.batch_size - n_images, *images.shape[1:])
-            logits = self._compiled(torch.cat([images, padding]))[:n_images]
+            with torch.inference_mode(images.is_inference()):  # the same tensor kind as the batch: no new guard
+                padded = torch.cat([images, padding])
+            logits = self._compiled(padded)[:n_images]
             self._trim_trace(n_images)
             return logits
         self.last_path, self.last_compiled = "eager", False
@@ -75,12 +78,8 @@ class CompiledModel:
         before, start = _graphs_compiled(), time.perf_counter()
         if self._graphs and images.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        if self.fixed_shapes:
+        with torch._dynamo.config.patch(recompile_limit=VARIANT_LIMIT, accumulated_recompile_limit=VARIANT_LIMIT):
             logits = self._run(images)
-        else:
-            with torch._dynamo.config.patch(recompile_limit=ATM_VARIANT_LIMIT,
-                                            accumulated_recompile_limit=ATM_VARIANT_LIMIT):
-                logits = self._run(images)
         if self._graphs:
             logits = logits.clone()
             self._trim_trace(images.shape[0])  # copies the trace's tensors out of the graph's buffers

@@ -35,18 +35,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_batch(loaded: LoadedModel, model: nn.Module, images: Tensor, labels: Tensor,
-                  merged: bool) -> tuple[BatchOutcome, float]:
-    """One batch through `model` (`loaded.model`, or a view of it patched when `merged`) at the model's precision:
-    its outcome and the model's time in seconds (synchronised)."""
+def measure_batch(loaded: LoadedModel, model: Callable[[Tensor], Tensor], traced: nn.Module | None, images: Tensor,
+                  labels: Tensor) -> tuple[BatchOutcome, float]:
+    """One batch through `model` (`loaded.model`, a view of it patched for a setting, or either compiled) at
+    the model's precision: its outcome and the model's time in seconds (synchronised). `traced`: the patched
+    view whose trace gives GFLOPs and tokens (None: the unmerged model)."""
     _synchronize(loaded.device)
     started = time.perf_counter()
     with torch.inference_mode(), autocast(loaded):
         logits = model(images.to(loaded.device, non_blocking=True))
     _synchronize(loaded.device)
     seconds = time.perf_counter() - started
-    if merged:
-        trace = last_trace(model)
+    if traced is not None:
+        trace = last_trace(traced)
         gflops, tokens, tokens_left = trace.gflops, tuple(trace.tokens[:-1]), trace.tokens[-1]
     else:
         gflops, tokens, tokens_left = loaded.unmerged_gflops, loaded.unmerged_tokens, loaded.unmerged_tokens[-1]
@@ -82,6 +83,8 @@ class EvalReport:
     end_to_end_seconds: float  # the pass's wall time without the unmerged model's forward passes
     n_files: int  # images in the folder (readable or not)
     interrupted: bool = False  # the pass stopped early: the figures cover the images measured so far
+    compiled: bool = False  # both models ran through torch.compile
+    compile_seconds: float = 0.0  # compiling both, left out of every speed
 
     @property
     def comparison(self) -> Comparison:
@@ -111,6 +114,7 @@ class EvalReport:
             "baseline_gflops": figures.baseline_gflops,
             "gflops_reduction": figures.gflops_reduction,
             "agreement": figures.agreement,
+            "speedup": self.baseline_model_seconds / self.model_seconds,
             "images_per_sec": n / self.model_seconds,
             "baseline_images_per_sec": n / self.baseline_model_seconds,
             "end_to_end_images_per_sec": n / self.end_to_end_seconds,
@@ -118,6 +122,8 @@ class EvalReport:
             "baseline_tokens_per_layer": self.baseline.tokens_per_layer,
             "interrupted": self.interrupted,
             "n_files": self.n_files,
+            "compiled": self.compiled,
+            "compile_seconds": self.compile_seconds,
         }
 
 
@@ -137,7 +143,7 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
     workload.model(method)  # the setting is checked (and patched, once) before any image is loaded
     loader = make_loader(images, batch_size, workers, loaded.device)
     merged, baseline = Outcomes(), Outcomes()
-    model_seconds = baseline_seconds = excluded_seconds = 0.0
+    model_seconds = baseline_seconds = excluded_seconds = compile_seconds_in_warm_up = 0.0
     total = len(images.dataset)
     started = time.perf_counter()
     with Interruptible(keep_partial) as stop:
@@ -148,6 +154,7 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
                 workload.measure(None, images_batch, labels)
                 workload.measure(method, images_batch, labels)
                 excluded_seconds += time.perf_counter() - warm_up_started
+                compile_seconds_in_warm_up = workload.compile_seconds
             unmerged, seconds = workload.measure(None, images_batch, labels)
             baseline_seconds += seconds
             if method is None:
@@ -185,7 +192,10 @@ def evaluate(loaded: LoadedModel, images: ImageSet, method: MethodConfig | None,
         baseline=baseline,
         model_seconds=model_seconds,
         baseline_model_seconds=baseline_seconds,
-        end_to_end_seconds=time.perf_counter() - started - excluded_seconds,
+        end_to_end_seconds=time.perf_counter() - started - excluded_seconds
+        - (workload.compile_seconds - compile_seconds_in_warm_up),
         n_files=images.n_files,
         interrupted=stop.interrupted,
+        compiled=loaded.compiled,
+        compile_seconds=workload.compile_seconds,
     )

@@ -41,6 +41,7 @@ class LoadedModel:
     checkpoint_sha256: str | None  # of the local weights file loaded, None for hub or random weights
     device: torch.device
     precision: str = "fp32"  # autocast dtype of every forward pass: fp32 (none), bf16 or fp16
+    compiled: bool = False  # every setting (and the unmerged model) runs through torch.compile (engine/compiled.py)
     # The unmerged model's cost, counted once by the engine (ToMe with r=0 is the exact unmerged forward).
     unmerged_gflops: float = 0.0
     unmerged_tokens: tuple[int, ...] = ()  # tokens entering each block (all equal)
@@ -64,6 +65,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise UsageError("--precision fp16 needs a CUDA device: the CPU runs float16 autocast slowly or not at all "
                          "(use bf16 on the CPU)")
     return precision
+
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def resolve_compile(compile: str, device: torch.device) -> bool:
+    """Whether forward passes run compiled: "auto" compiles on CUDA, where a merged forward is bound by
+    launching its many small operations (CUDA graphs replay them at once), and not on the CPU, where
+    compiling costs a minute per setting and the forward is bound by arithmetic."""
+    if compile not in COMPILE_MODES:
+        raise UsageError(f"--compile {compile}: choose from {', '.join(COMPILE_MODES)}")
+    return device.type == "cuda" if compile == "auto" else compile == "on"
 
 
 def autocast(loaded: LoadedModel):
@@ -212,16 +225,19 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = None, pretrained: bool = True,
-               device: str = "auto", precision: str = "fp32", unsafe_checkpoint: bool = False) -> LoadedModel:
+               device: str = "auto", precision: str = "fp32", unsafe_checkpoint: bool = False,
+               compile: str = "off") -> LoadedModel:
     """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`.
 
     `precision` is the autocast dtype its forward passes will run in (the engine's own scores and
     merges stay float32 whatever it is). `unsafe_checkpoint` allows a checkpoint that pickles more
-    than weights: unpickling it runs code from the file.
+    than weights: unpickling it runs code from the file. `compile` (auto, on, off): whether its forward
+    passes run through torch.compile (`resolve_compile`).
     """
     timm_name = resolve_model_name(name)
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
+    compiled = resolve_compile(compile, target)
     state = None
     if checkpoint is not None:
         if not pretrained:
@@ -263,6 +279,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
         checkpoint_sha256=checkpoint_sha256,
         device=target,
         precision=precision,
+        compiled=compiled,
     )
     _count_unmerged_cost(loaded)
     return loaded

@@ -3,7 +3,9 @@
 
 A setting is patched once and kept until another one is asked for: the patched model is a view of the
 loaded one (a shallow copy: the same blocks and weights, its own forward), so the unmerged model stays
-as it is beside it and switching between the two costs nothing.
+as it is beside it and switching between the two costs nothing. When the model is loaded compiled, each
+setting's view (and the unmerged model) is compiled once (`engine.compiled`); a batch during which
+something compiled is run again for its time, so that speeds leave compilation out (`compile_seconds`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from atm_cli.engine import MethodConfig, patch
+from atm_cli.engine.compiled import CompiledModel, compile_patched
 from atm_cli.errors import UsageError
 
 from .models import LoadedModel
@@ -39,6 +42,7 @@ class Workload:
         self.images_run = 0
         self._method: MethodConfig | None = None
         self._view: nn.Module | None = None
+        self._runners: dict[MethodConfig | None, CompiledModel] = {}
         self._baseline: Outcomes | None = None
 
     @property
@@ -53,19 +57,40 @@ class Workload:
     def n_images(self) -> int:
         return sum(len(labels) for _, labels in self.batches)
 
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling, over every setting run so far (0 when the model is not compiled)."""
+        return sum(runner.compile_seconds for runner in self._runners.values())
+
     def model(self, method: MethodConfig | None) -> nn.Module:
         """The model that runs `method` (None: the unmerged one), patched only when the setting changes."""
         if method is None:
             return self.loaded.model
         if method != self._method:
             self._view, self._method = patched_view(self.loaded, method), method
+            self._runners = {key: runner for key, runner in self._runners.items() if key is None}
         return self._view
+
+    def runner(self, method: MethodConfig | None) -> Callable[[Tensor], Tensor]:
+        """What a batch goes through for `method`: its model, or that model compiled once when the model is
+        loaded compiled (the unmerged model's compiled form is kept beside the current setting's)."""
+        model = self.model(method)
+        if not self.loaded.compiled:
+            return model
+        if method not in self._runners:
+            mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None  # CUDA graphs
+            self._runners[method] = compile_patched(model, mode=mode)
+        return self._runners[method]
 
     def measure(self, method: MethodConfig | None, images: Tensor, labels: Tensor) -> tuple[BatchOutcome, float]:
         """One batch (any batch, not only the preloaded ones) through `method`: its outcome and the model's seconds."""
         from .measure import measure_batch
 
-        outcome, seconds = measure_batch(self.loaded, self.model(method), images, labels, method is not None)
+        runner = self.runner(method)
+        traced = None if method is None else self.model(method)
+        outcome, seconds = measure_batch(self.loaded, runner, traced, images, labels)
+        if isinstance(runner, CompiledModel) and runner.last_compiled:  # time the batch once more, compiled
+            outcome, seconds = measure_batch(self.loaded, runner, traced, images, labels)
         self.images_run += outcome.n
         return outcome, seconds
 
