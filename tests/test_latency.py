@@ -1,0 +1,142 @@
+"""The latency model: its pure pieces on hand-built tables, its cache, and a measured one's shape (never its times)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from atm_cli.engine import ATMConfig, ToMeConfig
+from atm_cli.evaluation import BatchOutcome, LoadedModel, Outcomes, load_model
+from atm_cli.evaluation import latency as latency_module
+from atm_cli.evaluation.latency import (LatencyKey, LatencyModel, StepCost, TokenTable, cache_dir,
+                                        device_latency, fit_nonnegative, measure_speedups, read_cached, token_grid,
+                                        write_cached)
+from conftest import save_tiny_vit
+
+KEY = LatencyKey("Test CPU (1 threads)", "2.0", "vit_test", 8, "fp32", False)
+
+
+def linear_model(**steps: StepCost) -> LatencyModel:
+    """Attention 1 ms and MLP 2 ms per token, stem 100 ms, head 50 ms: every sum is easy to check by hand."""
+    grid = (2, 10, 18)
+    return LatencyModel(KEY, stem=0.1, head=0.05, attention=TokenTable(grid, tuple(1e-3 * n for n in grid)),
+                        mlp=TokenTable(grid, tuple(2e-3 * n for n in grid)), steps=dict(steps))
+
+
+def test_tables_interpolate_linearly_and_stay_flat_beyond_their_ends():
+    table = TokenTable((2, 10, 18), (1.0, 3.0, 4.0))
+    assert table.at(10) == 3.0 and table.at(6) == pytest.approx(2.0) and table.at(14) == pytest.approx(3.5)
+    assert table.at(1) == 1.0 and table.at(30) == 4.0
+
+
+def test_the_grid_runs_every_8_tokens_down_from_the_full_count_to_the_fewest():
+    assert token_grid(2, 65) == (2, 9, 17, 25, 33, 41, 49, 57, 65)
+    assert token_grid(2, 197)[-3:] == (181, 189, 197) and token_grid(2, 197)[0] == 2
+    assert token_grid(5, 5) == (5,)
+
+
+def test_a_prediction_sums_the_blocks_attention_on_tokens_in_and_mlp_on_tokens_after_the_step():
+    latency = linear_model(atm=StepCost(per_block=0.01, per_token=1e-4))
+    tokens = [10, 8, 6]  # two blocks: 10 in, 8 after the first's step; 8 in, 6 after the second's
+    tables = 0.1 + 0.05 + (10e-3 + 2 * 8e-3) + (8e-3 + 2 * 6e-3)
+    assert latency.predict_seconds(tokens) == pytest.approx(tables)
+    assert latency.predict_seconds(tokens, "atm") == pytest.approx(tables + 2 * 0.01 + 1e-4 * (10 + 8))
+    latency.scale = 2.0  # scales the tables, not the fitted steps (they were fitted against scaled tables)
+    assert latency.predict_seconds(tokens, "atm") == pytest.approx(2 * tables + 2 * 0.01 + 1e-4 * 18)
+    with pytest.raises(KeyError, match="tome"):
+        latency.predict_seconds(tokens, "tome")
+
+
+def test_fewer_tokens_are_predicted_faster_and_the_unmerged_model_has_the_full_count_everywhere():
+    latency = linear_model(tome=StepCost(0.0, 1e-5))
+    unmerged = latency.unmerged_seconds(depth=4)
+    assert unmerged == pytest.approx(latency.predict_seconds([18] * 5))
+    merged = latency.predict_seconds([18, 16, 14, 12, 10], "tome")
+    fewer = latency.predict_seconds([18, 14, 10, 6, 2], "tome")
+    assert fewer < merged < unmerged
+
+
+def test_a_run_is_predicted_batch_by_batch_weighted_by_its_images():
+    latency = linear_model(atm=StepCost(0.0, 0.0))
+
+    def batch(n: int, tokens: tuple[int, ...]) -> BatchOutcome:
+        return BatchOutcome(np.ones(n, bool), np.zeros(n, np.int64), n, 1.0, tokens[:-1], tokens[-1])
+
+    big, small = batch(6, (18, 10, 2)), batch(2, (18, 18, 18))
+    expected = (6 * latency.predict_seconds([18, 10, 2], "atm") + 2 * latency.predict_seconds([18, 18, 18], "atm")) / 8
+    assert latency.outcomes_seconds(Outcomes([big, small]), "atm") == pytest.approx(expected)
+
+
+def test_the_nonnegative_fit_recovers_exact_costs_and_never_goes_below_zero():
+    blocks = np.array([[12, 300.0], [12, 500.0], [12, 700.0]])
+    assert fit_nonnegative(blocks, blocks @ [0.002, 1e-5]) == pytest.approx((0.002, 1e-5))
+    # Time that falls with more tokens would need a negative per-token cost: the constant alone fits instead.
+    per_block, per_token = fit_nonnegative(blocks, np.array([0.03, 0.02, 0.01]))
+    assert per_token == 0.0 and per_block == pytest.approx(0.02 / 12)
+    assert fit_nonnegative(np.array([[12, 300.0]]), np.array([-0.1])) == (0.0, 0.0)
+
+
+def test_the_cache_key_names_one_file_per_device_torch_model_batch_precision_and_compile_mode():
+    names = {KEY.file_name()}
+    for change in ({"device": "Other"}, {"torch_version": "2.1"}, {"model": "vit_other"}, {"batch_size": 16},
+                   {"precision": "bf16"}, {"compiled": True}):
+        names.add(LatencyKey(**{**KEY.__dict__, **change}).file_name())
+    assert len(names) == 7 and all(n.startswith("latency-vit_") and n.endswith(".json") for n in names)
+    assert KEY.file_name() == LatencyKey(**KEY.__dict__).file_name()
+
+
+def test_the_cache_round_trips_and_ignores_damaged_or_foreign_files(tmp_path):
+    latency = linear_model(atm=StepCost(0.001, 2e-6, settings=4))
+    latency.scale = 1.1
+    path = write_cached(latency, tmp_path)
+    assert path == tmp_path / KEY.file_name()
+    assert read_cached(KEY, tmp_path) == latency
+    other = LatencyKey(**{**KEY.__dict__, "batch_size": 16})
+    assert read_cached(other, tmp_path) is None  # no file for it
+    data = json.loads(path.read_text())
+    path.with_name(other.file_name()).write_text(json.dumps(data))  # a file under another key's name
+    assert read_cached(other, tmp_path) is None
+    path.write_text("{not json")
+    assert read_cached(KEY, tmp_path) is None
+
+
+def test_the_cache_folder_is_the_one_given_else_atm_cache_else_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATM_CACHE", str(tmp_path / "env"))
+    assert cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("ATM_CACHE")
+    assert cache_dir().parts[-2:] == (".cache", "atm")
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory) -> LoadedModel:
+    return load_model(str(save_tiny_vit(tmp_path_factory.mktemp("tiny"), num_classes=3)), device="cpu")
+
+
+def test_a_measured_model_has_its_tables_steps_and_key_and_is_read_back_from_the_cache(tiny_loaded, tmp_path,
+                                                                                     monkeypatch):
+    images = torch.randn(4, *tiny_loaded.data_config["input_size"])
+    fits = {"atm": [ATMConfig.constant(t) for t in (0.9, 0.5)], "tome": [ToMeConfig(r=1), ToMeConfig(r=3)]}
+    latency = device_latency(tiny_loaded, images, fits, folder=tmp_path)
+    full = tiny_loaded.unmerged_tokens[0]
+    assert latency.key == LatencyKey.of(tiny_loaded, 4) and latency.key.batch_size == 4
+    assert latency.attention.tokens == token_grid(2, full) and latency.attention.tokens[-1] == full
+    assert all(s > 0 for s in (*latency.attention.seconds, *latency.mlp.seconds, latency.stem, latency.head))
+    assert set(latency.steps) == {"atm", "tome"}
+    assert all(c.per_block >= 0 and c.per_token >= 0 and c.settings == 2 for c in latency.steps.values())
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured again instead of read from the cache")
+
+    monkeypatch.setattr(latency_module, "measure_latency", no_timing)
+    monkeypatch.setattr(latency_module, "fit_step", no_timing)
+    assert device_latency(tiny_loaded, images, fits, folder=tmp_path) == latency
+
+
+def test_settings_are_timed_beside_the_unmerged_model_with_their_tokens(tiny_loaded):
+    images = torch.randn(4, *tiny_loaded.data_config["input_size"])
+    (speed,) = measure_speedups(tiny_loaded, images, [ToMeConfig(r=2)], repeats=3)
+    assert speed.repeats == 3 and speed.speedup_low <= speed.speedup <= speed.speedup_high
+    assert speed.tokens[0] == tiny_loaded.unmerged_tokens[0] and speed.tokens[-1] < speed.tokens[0]
