@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import yaml
 
 from .engine import METHODS, MethodConfig, method_config
 from .errors import UsageError
+from .files import write_atomically
 from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
 if TYPE_CHECKING:
@@ -160,25 +159,9 @@ def save_preset(preset: Preset, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(preset.to_dict(), sort_keys=False, allow_unicode=True, width=120)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a preset is for sharing
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text)
     preset.path = path
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -69,7 +69,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("atm_cli.presets.os.fsync", broken_fsync)
+    monkeypatch.setattr("atm_cli.files.os.fsync", broken_fsync)
     changed = a_preset()
     changed.measured.top1 = 1.0
     with pytest.raises(OSError):

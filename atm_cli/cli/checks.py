@@ -9,11 +9,11 @@ import csv
 import errno
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from atm_cli.errors import RunError, UsageError
+from atm_cli.files import write_atomically
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds: every command takes the same range
 MAX_GRID_VALUES = 100_000  # values of one threshold's grid across [-1, 1] (a smaller --step would fill memory)
@@ -78,26 +78,6 @@ def check_csv_columns(path: Path | None, columns: Sequence[str], flag: str) -> N
         raise UsageError(f"{flag} {path} has other columns than atm eval writes; use a new file")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`text` in `path`, or `path` untouched: a temporary file beside it, flushed to disk, then renamed."""
-    path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def written_or_said(path: Path, flag: str, write: Callable[[Path], object], kept: str) -> None:
