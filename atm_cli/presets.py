@@ -52,6 +52,10 @@ class Measured:
     data_fingerprint: str | None = None  # paths, sizes and class mapping of those images
     agreement: float | None = None  # percent of images keeping the unmerged model's top-1 class
     baseline_top5: float | None = None
+    # Over the unmerged model, timed interleaved (median of rounds; the lowest and highest round) on the device,
+    # precision and compile mode the provenance records, at `batch_size`: it holds there only.
+    speedup: float | None = None
+    speedup_spread: list[float] | None = None
 
     @classmethod
     def of(cls, run: Comparison, data: str, data_fingerprint: str, data_limit: int | None = None) -> Measured:
@@ -77,6 +81,8 @@ class Provenance:
     tuning_top1: float | None = None
     tuning_gflops: float | None = None
     device_type: str | None = None  # where it was measured: "cpu" or "cuda"
+    device: str | None = None  # the device's name, where a speed was measured (GPU model; CPU model and threads)
+    compiled: bool | None = None  # whether that speed was measured with torch.compile
     precision: str | None = None  # the autocast dtype it was measured at: fp32, bf16 or fp16 (None: fp32)
     search_space: dict[str, Any] | None = None  # the ranges searched and where they came from
 
@@ -120,7 +126,8 @@ class Preset:
 
 
 # Keys added to schema version 1 later: written only when they have a value, so older files read back unchanged.
-LATER_KEYS = frozenset({"agreement", "baseline_top5", "search_space"})
+LATER_KEYS = frozenset({"agreement", "baseline_top5", "search_space", "speedup", "speedup_spread", "device",
+                        "compiled"})
 
 
 def _written(section: Any) -> dict[str, Any]:

@@ -7,13 +7,25 @@ import numpy as np
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from atm_cli.calibration import speed as speed_module
+from atm_cli.calibration.goals import LatencyGoal
+from atm_cli.calibration.speed import fit_settings, speed_goal
+from atm_cli.calibration.space import SearchSpace
 from atm_cli.engine import ATMConfig, ToMeConfig
+from atm_cli.errors import UsageError
 from atm_cli.evaluation import BatchOutcome, LoadedModel, Outcomes, load_model
 from atm_cli.evaluation import latency as latency_module
-from atm_cli.evaluation.latency import (LatencyKey, LatencyModel, StepCost, TokenTable, cache_dir,
+from atm_cli.evaluation.latency import (LatencyKey, LatencyModel, MeasuredSpeed, StepCost, TokenTable, cache_dir,
                                         device_latency, fit_nonnegative, measure_speedups, read_cached, token_grid,
                                         write_cached)
+from atm_cli.cli.app import app
+from atm_cli.presets import Measured, Provenance, load_preset, preset_from_dict
 from conftest import save_tiny_vit
+from test_calibrate import calibrate_args, tiny  # noqa: F401 (a fixture)
+
+runner = CliRunner()
 
 KEY = LatencyKey("Test CPU (1 threads)", "2.0", "vit_test", 8, "fp32", False)
 
@@ -110,6 +122,49 @@ def test_the_cache_folder_is_the_one_given_else_atm_cache_else_the_home_cache(tm
     assert cache_dir().parts[-2:] == (".cache", "atm")
 
 
+def test_presets_record_the_speed_and_where_it_was_measured_and_old_ones_still_load():
+    base = {"schema_version": 1, "method": "atm", "params": {"alpha": 0.9, "beta": 0.0, "theta_min": 0.9},
+            "model": {"name": "vit_test"}, "batch_size": 8, "measured": {"gflops": 1.0},
+            "provenance": {"source": "atm calibrate"}}
+    old = preset_from_dict(base)
+    assert old.measured.speedup is None and old.provenance.device is None
+    assert "speedup" not in old.to_dict()["measured"] and "device" not in old.to_dict()["provenance"]
+    timed = preset_from_dict({**base, "measured": {"gflops": 1.0, "speedup": 1.31, "speedup_spread": [1.2, 1.4]},
+                              "provenance": {"source": "atm calibrate", "device": "Test CPU (1 threads)",
+                                             "device_type": "cpu", "precision": "fp32", "compiled": False}})
+    assert timed.measured == Measured(gflops=1.0, speedup=1.31, speedup_spread=[1.2, 1.4])
+    assert timed.provenance == Provenance(source="atm calibrate", device="Test CPU (1 threads)", device_type="cpu",
+                                          precision="fp32", compiled=False)
+    assert preset_from_dict(timed.to_dict()) == timed
+
+
+def test_a_time_goal_caps_the_predicted_time_and_chooses_among_trials_by_it():
+    latency = linear_model(atm=StepCost(0.0, 0.0))
+    goal = speed_goal(latency, depth=2, speedup=1.25)
+    assert isinstance(goal, LatencyGoal) and goal.target_seconds == pytest.approx(latency.unmerged_seconds(2) / 1.25)
+    assert goal.describe() == "max top-1 subject to predicted speedup >= 1.25"
+
+    def run(tokens: tuple[int, ...], right: int) -> Outcomes:
+        correct = np.arange(10) < right
+        return Outcomes([BatchOutcome(correct, (~correct).astype(np.int64), right, 1.0, tokens[:-1], tokens[-1])])
+
+    heavy, light = run((18, 6, 2), right=8), run((18, 14, 12), right=9)
+    assert goal.constraint(heavy, heavy) < 0 < goal.constraint(light, light)  # only the heavy merging is fast enough
+    by_ms = speed_goal(latency, depth=2, latency_ms=200)
+    assert by_ms.target_seconds == 0.2 and "200 ms per batch" in by_ms.describe()
+    with pytest.raises(UsageError, match="not below the unmerged"):
+        speed_goal(latency, depth=2, latency_ms=1e4)
+
+
+def test_the_step_cost_is_fitted_on_constants_spread_over_the_space():
+    space = SearchSpace(alpha=(0.8, 1.0), beta=(0.0, 0.05), theta_min=(0.8, 1.0), step=0.01)
+    configs = fit_settings(space, depth=12)
+    thresholds = [c.alpha for c in configs]
+    assert len(configs) == 4 and all(c.beta == 0 and c.alpha == c.theta_min for c in configs)
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[0] == pytest.approx(1.0)
+    assert thresholds[-1] == pytest.approx(0.8)
+
+
 @pytest.fixture(scope="module")
 def tiny_loaded(tmp_path_factory) -> LoadedModel:
     return load_model(str(save_tiny_vit(tmp_path_factory.mktemp("tiny"), num_classes=3)), device="cpu")
@@ -140,3 +195,64 @@ def test_settings_are_timed_beside_the_unmerged_model_with_their_tokens(tiny_loa
     (speed,) = measure_speedups(tiny_loaded, images, [ToMeConfig(r=2)], repeats=3)
     assert speed.repeats == 3 and speed.speedup_low <= speed.speedup <= speed.speedup_high
     assert speed.tokens[0] == tiny_loaded.unmerged_tokens[0] and speed.tokens[-1] < speed.tokens[0]
+
+
+def hand_built_latency(loaded: LoadedModel, images, fits, folder=None, progress=None) -> LatencyModel:
+    """In place of timing: linear tables over the model's own token counts, and no step cost."""
+    grid = token_grid(2, loaded.unmerged_tokens[0])
+    return LatencyModel(LatencyKey.of(loaded, len(images)), 0.01, 0.005,
+                        TokenTable(grid, tuple(1e-3 * n for n in grid)), TokenTable(grid, tuple(2e-3 * n for n in grid)),
+                        steps={name: StepCost(0.0, 0.0) for name in fits})
+
+
+def timed_at(speedup: float):
+    def measure(loaded, images, configs, repeats=7, progress=None) -> list[MeasuredSpeed]:
+        return [MeasuredSpeed(0.1, 0.1 * speedup, speedup, speedup - 0.1, speedup + 0.1, repeats, (65,) * 5)
+                for _ in configs]
+    return measure
+
+
+def test_calibrate_for_a_speedup_records_the_measured_speed_and_eval_says_where_it_holds(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(speed_module, "device_latency", hand_built_latency)
+    monkeypatch.setattr(speed_module, "measure_speedups", timed_at(1.32))
+    preset_path = tmp_path / "fast.yaml"
+    outcome = runner.invoke(app, calibrate_args(tiny, "--target-speedup", "1.3", "--n-trials", "6", "--out",
+                                                str(preset_path), "--json"))
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert result["goal"] == "max top-1 subject to predicted speedup >= 1.3"
+    speed = result["speed"]
+    assert speed["measured_speedup"] == 1.32 and speed["speedup_spread"] == pytest.approx([1.22, 1.42])
+    assert speed["predicted_speedup"] >= 1.3 and speed["batch_size"] == 8 and speed["compiled"] is False
+    preset = load_preset(preset_path, force=True)
+    assert preset.measured.speedup == 1.32 and preset.provenance.device == speed["device"]
+    assert preset.provenance.precision == "fp32" and preset.provenance.compiled is False
+
+    def evaluate(*extra: str):
+        return runner.invoke(app, ["eval", "--model", str(tiny["model"]), "--data", str(tiny["eval"]), "--preset",
+                                   str(preset_path), "--workers", "0", *extra])
+
+    here, elsewhere = evaluate(), evaluate("--batch-size", "4")
+    assert here.exit_code == elsewhere.exit_code == 0, here.output + elsewhere.output
+    assert "does not carry over" not in here.output
+    assert f"1.32x speedup was measured on {speed['device']}, batch 8, fp32; it does not carry over to " \
+           f"{speed['device']}, batch 4, fp32" in " ".join(elsewhere.output.split())
+
+
+def test_calibrate_returns_no_merging_when_the_chosen_setting_measured_slower(tiny, monkeypatch):
+    monkeypatch.setattr(speed_module, "device_latency", hand_built_latency)
+    monkeypatch.setattr(speed_module, "measure_speedups", timed_at(0.9))
+    outcome = runner.invoke(app, calibrate_args(tiny, "--target-latency-ms", "600", "--n-trials", "4"))
+    assert outcome.exit_code == 1, outcome.output
+    lines = outcome.output.strip().splitlines()
+    assert "no merging: the best setting found (trial " in lines[-1] and "measured 0.90x" in lines[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-speedup", "1.3", "--no-drop"], "give exactly one goal"),
+    (["--target-speedup", "1.0"], "above 1"),
+    (["--target-latency-ms", "0"], "must be positive"),
+])
+def test_speed_goals_are_checked_before_any_work(tiny, flags, message):
+    outcome = runner.invoke(app, calibrate_args(tiny, *flags))
+    assert outcome.exit_code == 2 and message in outcome.output and len(outcome.output.strip().splitlines()) == 1

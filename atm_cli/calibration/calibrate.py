@@ -1,6 +1,7 @@
 """`atm calibrate` below the command line: find ATM thresholds for a model, its data and a goal, as a preset."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,12 @@ from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
-from .goals import RULES, AgreementGoal, BudgetGoal, Goal, NoDropGoal
+from .goals import RULES, AgreementGoal, BudgetGoal, CappedGoal, Goal, LatencyGoal, NoDropGoal
 from .ranges import RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
 from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
 from .space import SearchSpace
+from .speed import SpeedCheck, check_reachable, latency_for, speed_goal, time_choice
 from .study import claim_seeding, finish_seeding, open_storage, open_study, redact
 
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
@@ -41,17 +43,18 @@ def seed_constant(search: Search, study: optuna.Study, n_trials: int,
     """
     if not claim_seeding(study):  # another process seeds it, or it is seeded
         return None
-    if not isinstance(search.goal, BudgetGoal):
+    goal = search.goal
+    if not isinstance(goal, CappedGoal):
         return constant_for_floor(search, study, n_trials, on_trial)
-    aim, known = search.goal.target_gflops, {}
+    aim, known = goal.budget, {}
     for _ in range(SEED_TRIES):
-        constant, _ = constant_for_budget(search.source, search.space, aim, search.probe_batches, known)
+        constant, _ = constant_for_budget(search.source, search.space, aim, search.probe_batches, known, goal.cost)
         trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
         if trial is None or trial.state != "complete":
             return None
         if trial.feasible:
             return constant
-        aim = search.goal.target_gflops * trial.outcomes.first(search.probe_batches).gflops / trial.gflops
+        aim = goal.budget * goal.cost(trial.outcomes.first(search.probe_batches)) / goal.cost(trial.outcomes)
     return None
 
 
@@ -76,7 +79,9 @@ def search_on(workload: Workload, goal: Goal, space: SearchSpace, n_trials: int 
 def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:
     """Bundled ATM presets for this model (and these weights) nearest the goal: made for the same goal
     first, then by what they measured when made (GFLOPs share just under the budget; or the smallest
-    top-1 drop)."""
+    top-1 drop). None for a time goal: a preset's GFLOPs do not say its time on this device."""
+    if isinstance(goal, LatencyGoal):
+        return []
     presets = [p for p in list_presets(loaded.name, loaded.checkpoint_sha256)
                if p.method_name == "atm" and p.measured.baseline_gflops]
 
@@ -112,6 +117,9 @@ class CalibrationRequest:
     no_drop: bool = False
     tolerance: float = 0.0
     min_agreement: float | None = None  # percent of images keeping the unmerged top-1 class (no labels needed)
+    target_speedup: float | None = None  # over the unmerged model, predicted on this device, then measured
+    target_latency_ms: float | None = None  # per batch, predicted on this device
+    latency_cache: Path | None = None  # where the device's latency model is cached (None: $ATM_CACHE or ~/.cache/atm)
     n_trials: int = 30
     timeout: float | None = None
     seed: int = 0
@@ -127,10 +135,15 @@ class CalibrationRequest:
 
     def check(self) -> None:
         goals = [self.target_gflops is not None, self.target_reduction is not None, self.no_drop,
-                 self.min_agreement is not None]
+                 self.min_agreement is not None, self.target_speedup is not None, self.target_latency_ms is not None]
         if sum(goals) != 1:
-            raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P, --no-drop or "
-                             "--min-agreement P")
+            raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P, --no-drop, "
+                             "--min-agreement P, --target-speedup S or --target-latency-ms T")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise UsageError(f"--target-speedup is a factor over the unmerged model, above 1, got "
+                             f"{self.target_speedup}")
+        if self.target_latency_ms is not None and not self.target_latency_ms > 0:
+            raise UsageError(f"--target-latency-ms must be positive, got {self.target_latency_ms}")
         if self.rule not in RULES:
             raise UsageError(f"--rule is one of {', '.join(RULES)}, got {self.rule!r}")
         if self.target_reduction is not None and not 0 < self.target_reduction < 100:
@@ -149,6 +162,11 @@ class CalibrationRequest:
             raise UsageError(f"--n-trials must be at least 1, got {self.n_trials}")
         if self.study_name is not None and self.storage is None:
             raise UsageError("--study-name names a study in a --storage; give --storage too")
+
+    @property
+    def speed(self) -> bool:
+        """A time goal: built once the device's latency model is measured (`speed.speed_goal`)."""
+        return self.target_speedup is not None or self.target_latency_ms is not None
 
     def goal(self, unmerged_gflops: float) -> Goal:
         if self.no_drop:
@@ -171,6 +189,7 @@ class CalibrationReport:
     forward_passes: int  # images through the model for the search (baseline and range check included)
     report_forward_passes: int  # images through the model to measure the result on --eval-data
     preset: Preset
+    speed: SpeedCheck | None = None  # a time goal's result timed for real
 
     @property
     def budget_note(self) -> str | None:
@@ -220,6 +239,7 @@ class CalibrationReport:
             "study_name": self.result.study_name,
             "storage": redact(self.request.storage),
             "preset": str(self.preset.path) if self.preset.path else None,
+            "speed": self.speed.to_dict() if self.speed is not None else None,
         }
 
 
@@ -237,12 +257,12 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
     data = DEMO_CALIB_DATA if demo_defaults else request.data
     eval_data = DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
-    goal = request.goal(loaded.unmerged_gflops)
+    goal = None if request.speed else request.goal(loaded.unmerged_gflops)
     if isinstance(goal, BudgetGoal):
         check_budget(goal.target_gflops, loaded.unmerged_gflops)
 
     stage(f"loading images from {data}")
-    if goal.label_free:  # any folder of images: labels, where there are any, are not read
+    if goal is not None and goal.label_free:  # any folder of images: labels, where there are any, are not read
         images = load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
     else:
         images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
@@ -253,6 +273,12 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     stage("measuring the search ranges")
     space = request.ranges.resolve(source)
     range_passes = len(source.batches[0][1]) if request.ranges.measures else 0
+    latency = None
+    if request.speed:
+        stage(f"timing the model on {loaded.device}")
+        latency = latency_for(source, space, request.latency_cache)
+        goal = speed_goal(latency, source.depth, request.target_speedup, request.target_latency_ms)
+        check_reachable(goal, source, space, latency.unmerged_seconds(source.depth))
     setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
              "order": "fixed-random", "batch_size": request.batch_size, "goal": goal.describe(),
              "space": space.to_dict()}
@@ -294,8 +320,12 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         run = Comparison(report_source.run(config), report_source.baseline, report_images.labelled)
         report_passes = report_source.images_run
         reported = Measured.of(run, report_images.source, report_images.fingerprint, request.limit if shared else None)
+        speed = None
+        if latency is not None:
+            stage("timing the chosen setting against the unmerged model")
+            speed = time_choice(source, result, latency)  # RunError (no merging) when it measured slower
 
-    preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials))
+    preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials), speed)
     if request.out is not None:
         try:
             save_preset(preset, request.out)
@@ -306,15 +336,21 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
                            f"is {config.to_params()}, {kept}") from None
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
                              shared_images=shared, reachable_gflops=reachable, constant=constant,
-                             forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset)
+                             forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset,
+                             speed=speed)
 
 
 def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,
-            reported: Measured, tuning: Measured, shared: bool, trials: int) -> Preset:
+            reported: Measured, tuning: Measured, shared: bool, trials: int, speed: SpeedCheck | None = None) -> Preset:
     reduction = 100.0 * (1.0 - reported.gflops / reported.baseline_gflops)
     tuned_elsewhere = {} if shared else {
         "tuning_data": tuning.data, "tuning_data_fingerprint": tuning.data_fingerprint,
         "tuning_top1": tuning.top1, "tuning_gflops": tuning.gflops}
+    timed = {} if speed is None else {"device_type": loaded.device.type, "device": speed.device,
+                                      "precision": speed.precision, "compiled": speed.compiled}
+    if speed is not None:  # where it was timed goes with the figure: provenance above, batch_size beside
+        reported = dataclasses.replace(reported, speedup=speed.chosen.speedup,
+                                       speedup_spread=[speed.chosen.speedup_low, speed.chosen.speedup_high])
     return build_preset(
         config,
         ModelInfo(name=loaded.name, tag=loaded.tag, num_classes=loaded.num_classes,
@@ -325,6 +361,8 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
         description=f"{loaded.name}, atm calibrate ({goal.describe()}): {reported.gflops:.4g} GFLOPs "
                     f"({-reduction:+.0f}%), " + (f"{reported.top1:.2f}% top-1" if reported.top1 is not None else
                                                  f"{reported.agreement:.2f}% agreement") +
-                    f" on {reported.n_images} images",
+                    f" on {reported.n_images} images" +
+                    ("" if speed is None else f", {speed.chosen.speedup:.2f}x measured on {speed.device}"),
         trials=trials, seed=request.seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
+        **timed,
     )

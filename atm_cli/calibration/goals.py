@@ -5,7 +5,8 @@ are per-image successes: top-1 correct for the label goals, top-1 class equal to
 model's for the label-free agreement goal (whose reference then hits every image).
 
 During the search (`verdict`), a trial is stopped as soon as it cannot win or is unlikely to:
-- its GFLOPs exceed the budget, estimated from the first batches with a slack (budget);
+- its GFLOPs (or, for a time budget, its predicted time per batch) exceed the budget, estimated from the
+  first batches with a slack (budget);
 - even all remaining images right could not reach the best trial's hits (budget) or the floor (no-drop);
 - (no-drop) it already uses more GFLOPs than the best trial;
 - from the images where the two differ so far, its predicted final gap to the reference (the best
@@ -25,8 +26,8 @@ figures on the images they chose on.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +74,7 @@ class Candidate(Protocol):
     gflops: float
     hits: np.ndarray
     feasible: bool
+    outcomes: Outcomes
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Standing:
     estimate: float | None  # its GFLOPs estimated over the whole set (None until the probe batches ran)
     slack: float  # relative error allowed for that estimate
     incumbent: Candidate | None  # the best feasible complete trial so far
+    outcomes: Outcomes | None = None  # its outcomes so far (a cost other than GFLOPs is computed from them)
 
     @property
     def seen(self) -> int:
@@ -134,30 +137,44 @@ class Goal:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class BudgetGoal(Goal):
-    """Maximise top-1 subject to GFLOPs <= target."""
+class CappedGoal(Goal):
+    """Maximise top-1 subject to a cost <= a budget; the cost is GFLOPs (`BudgetGoal`) or predicted seconds per
+    batch (`LatencyGoal`), and everything else (pruning, the choice) is shared."""
 
-    target_gflops: float
-    direction: str = "maximize"
+    direction = "maximize"
 
-    def describe(self) -> str:
-        return f"max top-1 subject to GFLOPs <= {self.target_gflops:.4g}"
+    @property
+    def budget(self) -> float:
+        raise NotImplementedError
+
+    def amount(self, cost: float) -> str:
+        """A cost as the report writes it."""
+        raise NotImplementedError
+
+    def cost(self, outcomes: Outcomes) -> float:
+        raise NotImplementedError
+
+    def candidate_cost(self, trial: Candidate) -> float:
+        return self.cost(trial.outcomes)
+
+    def standing_cost(self, standing: Standing) -> tuple[float, float | None]:
+        """A running trial's cost so far, and over the whole set once estimated (else None)."""
+        raise NotImplementedError
 
     def value(self, outcomes: Outcomes, reference: Outcomes) -> float:
         return outcomes.top1
 
     def constraint(self, outcomes: Outcomes, reference: Outcomes) -> float:
-        return outcomes.gflops - self.target_gflops
+        return self.cost(outcomes) - self.budget
 
     def verdict(self, standing: Standing) -> Verdict | None:
-        estimate, best = standing.estimate, standing.incumbent
-        if estimate is not None and estimate > self.target_gflops * (1 + standing.slack):
-            return Verdict(f"an estimated {estimate:.4g} GFLOPs after {standing.seen} images, over the budget",
-                           estimate - self.target_gflops)
+        (running, estimate), best = self.standing_cost(standing), standing.incumbent
+        if estimate is not None and estimate > self.budget * (1 + standing.slack):
+            return Verdict(f"an estimated {self.amount(estimate)} after {standing.seen} images, over the budget",
+                           estimate - self.budget)
         if best is None:
             return None
-        over = (estimate or standing.gflops) - self.target_gflops
+        over = (estimate or running) - self.budget
         if int(standing.hits.sum()) + standing.remaining < int(best.hits.sum()):
             return Verdict(f"cannot reach trial {best.number}'s top-1 even with every remaining image right", over)
         lost, differ, behind = trails(standing.hits, best.hits[:standing.seen], standing.remaining, Z)
@@ -170,11 +187,69 @@ class BudgetGoal(Goal):
         feasible = [t for t in trials if t.feasible]
         if not feasible:
             return None
-        best = min(feasible, key=lambda t: (-int(t.hits.sum()), t.gflops, t.number))
+        best = min(feasible, key=lambda t: (-int(t.hits.sum()), self.candidate_cost(t), t.number))
         if rule == "argmax":
             return best
         tied = [t for t in feasible if not beats(best.hits, t.hits)]
-        return min(tied, key=lambda t: (-t.gflops, -int(t.hits.sum()), t.number))
+        return min(tied, key=lambda t: (-self.candidate_cost(t), -int(t.hits.sum()), t.number))
+
+
+@dataclass(frozen=True)
+class BudgetGoal(CappedGoal):
+    """Maximise top-1 subject to GFLOPs <= target."""
+
+    target_gflops: float
+    direction: str = "maximize"
+
+    @property
+    def budget(self) -> float:
+        return self.target_gflops
+
+    def describe(self) -> str:
+        return f"max top-1 subject to GFLOPs <= {self.target_gflops:.4g}"
+
+    def amount(self, cost: float) -> str:
+        return f"{cost:.4g} GFLOPs"
+
+    def cost(self, outcomes: Outcomes) -> float:
+        return outcomes.gflops
+
+    def candidate_cost(self, trial: Candidate) -> float:
+        return trial.gflops
+
+    def standing_cost(self, standing: Standing) -> tuple[float, float | None]:
+        return standing.gflops, standing.estimate
+
+
+@dataclass(frozen=True)
+class LatencyGoal(CappedGoal):
+    """Maximise top-1 subject to the predicted time per batch <= target (`predict`: a run's predicted seconds
+    per batch, from its token counts; `speedup`: the target as given, over the unmerged model, if it was)."""
+
+    target_seconds: float
+    predict: Callable[[Outcomes], float] = field(compare=False, repr=False)
+    speedup: float | None = None
+    direction: str = "maximize"
+
+    @property
+    def budget(self) -> float:
+        return self.target_seconds
+
+    def describe(self) -> str:
+        if self.speedup is not None:
+            return f"max top-1 subject to predicted speedup >= {self.speedup:g}"
+        return f"max top-1 subject to predicted time <= {1e3 * self.target_seconds:.4g} ms per batch"
+
+    def amount(self, cost: float) -> str:
+        return f"{1e3 * cost:.4g} ms per batch (predicted)"
+
+    def cost(self, outcomes: Outcomes) -> float:
+        return self.predict(outcomes)
+
+    def standing_cost(self, standing: Standing) -> tuple[float, float | None]:
+        """The whole set's time estimated as its GFLOPs are: the batches seen scaled alike."""
+        running = self.predict(standing.outcomes)
+        return running, None if standing.estimate is None else running * standing.estimate / standing.gflops
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ class Search:
                 continue
             estimate, slack = self.estimate_gflops(outcomes, ratios)
             standing = Standing(self.goal.hits(outcomes, self.reference), self.reference_hits, outcomes.gflops,
-                                estimate, slack, incumbent)
+                                estimate, slack, incumbent, outcomes)
             verdict = self.goal.verdict(standing)
             trial.report(self.goal.value(outcomes, self.reference), index + 1)  # the sampler ranks pruned trials by it
             if verdict is not None:

@@ -47,24 +47,26 @@ def check_budget(target_gflops: float, baseline_gflops: float, reachable: tuple[
                          f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. --theta-min-range)")
 
 
-def constant_for_budget(source: BatchSource, space: SearchSpace, budget_gflops: float, n_batches: int = 2,
-                        known: dict[float, float] | None = None) -> tuple[ATMConfig | None, int]:
+def constant_for_budget(source: BatchSource, space: SearchSpace, budget: float, n_batches: int = 2,
+                        known: dict[float, float] | None = None,
+                        cost: Callable[[Outcomes], float] = lambda run: run.gflops) -> tuple[ATMConfig | None, int]:
     """The least-merging constant threshold of the space within the budget on the first batches (None: none
-    is), and the images run to find it; `known` keeps each constant's GFLOPs on those batches between calls."""
+    is), and the images run to find it; `known` keeps each constant's cost on those batches between calls.
+    `cost`: of a run, in the budget's unit (GFLOPs, or a time goal's predicted seconds)."""
     constants, images = space.constants(source.depth), 0
     estimates = {} if known is None else known
 
-    def gflops(index: int) -> float:
+    def spent(index: int) -> float:
         nonlocal images
         if constants[index] not in estimates:
             run = first_batches(source, space.constant(constants[index]), n_batches)
-            estimates[constants[index]], images = run.gflops, images + run.n_images
+            estimates[constants[index]], images = cost(run), images + run.n_images
         return estimates[constants[index]]
 
-    if not constants or gflops(len(constants) - 1) > budget_gflops:
+    if not constants or spent(len(constants) - 1) > budget:
         return None, images
-    # The least merging constant that fits (the last one does): GFLOPs fall along the list.
-    fits = bisect.bisect_left(range(len(constants) - 1), True, key=lambda index: gflops(index) <= budget_gflops)
+    # The least merging constant that fits (the last one does): the cost falls along the list.
+    fits = bisect.bisect_left(range(len(constants) - 1), True, key=lambda index: spent(index) <= budget)
     return space.constant(constants[fits]), images
 
 

@@ -1,4 +1,4 @@
-"""`atm calibrate`: search alpha, beta and theta_min for a GFLOPs budget (or no drop) and write a preset."""
+"""`atm calibrate`: search alpha, beta and theta_min for a GFLOPs or time budget (or no drop) and write a preset."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,17 @@ def command(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", metavar="P",
                                                   help="Minimise GFLOPs keeping at least P% of images' top-1 class "
                                                        "equal to the unmerged model's (labels are not used)."),
+    target_speedup: Optional[float] = typer.Option(
+        None, "--target-speedup", metavar="S",
+        help="Maximise top-1 at a predicted speedup of at least S over the unmerged model on this device, batch "
+             "size and precision (a latency model timed here, cached); the result is then timed for real, and "
+             "refused if it measured slower than the unmerged model."),
+    target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", metavar="T",
+                                                      help="Maximise top-1 at a predicted time of at most T ms per "
+                                                           "batch on this device (as --target-speedup)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR",
+                                             help="Where latency models are cached (default: $ATM_CACHE, else "
+                                                  "~/.cache/atm)."),
     n_trials: int = typer.Option(30, "--n-trials", min=1,
                                  help="Trials in the study (a resumed study continues up to this many)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
@@ -74,7 +85,7 @@ def command(
     out: Optional[Path] = typer.Option(None, "--out", metavar="PRESET.yaml", help="Write the preset here."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Find ATM's alpha, beta, theta_min for a GFLOPs budget, or the cheapest with no top-1 drop, as a preset."""
+    """Find ATM's alpha, beta, theta_min for a GFLOPs or time budget, or the cheapest with no drop, as a preset."""
     import optuna
 
     from atm_cli.calibration import CalibrationRequest, calibrate
@@ -85,7 +96,8 @@ def command(
     request = CalibrationRequest(
         model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
         data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
-        no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, n_trials=n_trials, timeout=timeout,
+        no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, target_speedup=target_speedup,
+        target_latency_ms=target_latency_ms, latency_cache=cache_dir, n_trials=n_trials, timeout=timeout,
         seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
         storage=storage, study_name=study_name, out=out)
     request.check()
@@ -97,7 +109,8 @@ def command(
     request.model = options.resolve_model(console, model)
     if storage is not None and study_name is None:
         goal = "no-drop" if no_drop else f"agreement-{min_agreement}" if min_agreement is not None else \
-            f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
+            f"speedup-{target_speedup}" if target_speedup else f"latency-{target_latency_ms}ms" if target_latency_ms \
+            else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
         request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
@@ -143,6 +156,12 @@ def _table(report: CalibrationReport, result: dict) -> Table:
     table.add_row("agreement with unmerged top-1 %", f"{r.agreement:.2f}", "")
     table.add_row("top-5 %", _percent(r.top5), _percent(r.baseline_top5))
     table.add_row("GFLOPs / image", f"{r.gflops:.4g} ({-result['gflops_reduction']:+.1f}%)", f"{r.baseline_gflops:.4g}")
+    if report.speed is not None:
+        chosen = report.speed.chosen
+        table.add_row(f"ms / batch of {report.speed.batch_size} (measured)", f"{1e3 * chosen.seconds:.1f}",
+                      f"{1e3 * chosen.baseline_seconds:.1f}")
+        table.add_row("speedup (measured, lowest-highest round)",
+                      f"{chosen.speedup:.2f}x ({chosen.speedup_low:.2f}-{chosen.speedup_high:.2f})", "1x")
     if not report.shared_images:
         t = report.tuning
         table.add_row(f"tuning top-1 % ({t.n_images} images)", _percent(t.top1), _percent(t.baseline_top1))
@@ -176,6 +195,8 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
                       "tell them apart", highlight=False)
     if report.budget_note:
         console.print(f"note: {report.budget_note}", highlight=False)
+    if report.speed is not None:
+        _print_speed(console, report)
     if report.reachable_gflops:
         low, high = report.reachable_gflops
         console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)
@@ -189,3 +210,20 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
                       highlight=False)
     if result["preset"]:
         console.print(f"preset written to {result['preset']}", highlight=False)
+
+
+def _print_speed(console: Console, report: CalibrationReport) -> None:
+    speed, goal = report.speed, report.result.goal
+    chosen = speed.chosen
+    console.print(f"timed on {speed.device}, batch {speed.batch_size}, {speed.precision}"
+                  f"{', compiled' if speed.compiled else ''}, {chosen.repeats} rounds interleaved with the unmerged "
+                  f"model (first tuning batch): {chosen.speedup:.2f}x measured, {speed.predicted_speedup:.2f}x "
+                  "predicted", highlight=False, soft_wrap=True)
+    if speed.runner_up is not None:
+        other = speed.runner_up_speed
+        console.print(f"runner-up: trial {speed.runner_up}, {other.speedup:.2f}x measured "
+                      f"({other.speedup_low:.2f}-{other.speedup_high:.2f})", highlight=False)
+    if goal.speedup is not None and chosen.speedup < goal.speedup:
+        console.print(f"note: measured {chosen.speedup:.2f}x, below the {goal.speedup:g}x asked for: the latency "
+                      "model over-predicted here (a loaded machine, or one noisy round); run again, or ask for a "
+                      "little more", highlight=False, soft_wrap=True)

@@ -96,6 +96,9 @@ def command(
     if choice.precision is not None and choice.precision != loaded.precision:
         console.print(f"note: the preset was measured at {choice.precision}, this run is {loaded.precision}: "
                       "token counts and top-1 may differ slightly", highlight=False, soft_wrap=True)
+    speed_note = _speed_note(choice.preset, loaded, batch_size)
+    if speed_note:
+        console.print(speed_note, highlight=False, soft_wrap=True)
     with options.progress_bar(console, "evaluating") as progress:
         report = evaluate(loaded, images, choice.config, batch_size, workers, progress=progress,
                           keep_partial=True)
@@ -159,3 +162,21 @@ def _write_results(path: Path, result: dict) -> None:
         writer.writeheader()
     writer.writerow(row)
     checks.write_atomically(path, earlier + lines.getvalue())
+
+
+def _speed_note(preset, loaded, batch_size: int) -> str | None:
+    """One line when a preset's measured speedup comes from another device, batch size, precision or compile mode."""
+    from atm_cli.evaluation.latency import device_name
+
+    if preset is None or preset.measured.speedup is None:
+        return None
+    made = preset.provenance
+    there = (made.device, preset.batch_size, made.precision or "fp32", bool(made.compiled))
+    here = (device_name(loaded.device), batch_size, loaded.precision, loaded.compiled)
+    if there == here:
+        return None
+
+    def described(where: tuple) -> str:
+        return f"{where[0]}, batch {where[1]}, {where[2]}{', compiled' if where[3] else ''}"
+    return (f"note: the preset's {preset.measured.speedup:.2f}x speedup was measured on {described(there)}; it does "
+            f"not carry over to {described(here)} (this run measures its own)")

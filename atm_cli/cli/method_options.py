@@ -9,7 +9,7 @@ import typer
 from atm_cli.engine import METHODS, ATMConfig, MethodConfig, method_class
 from atm_cli.errors import UsageError
 from atm_cli.paper import PAPER_DEIT_S
-from atm_cli.presets import default_preset_for, find_preset
+from atm_cli.presets import Preset, default_preset_for, find_preset
 
 # Where the fallback for a model without a default preset (atm_cli.paper.PAPER_DEIT_S) comes from.
 PAPER_DEFAULT_SOURCE = "the paper's DeiT-S setting (Table A2)"
@@ -37,6 +37,7 @@ class MethodChoice:
     source: str  # where the setting came from, for the output
     batch_size: int | None = None  # the preset's batch size (GFLOPs depend on it), when a preset chose
     precision: str | None = None  # the precision the preset was measured at, when a preset chose
+    preset: Preset | None = None  # the preset that chose, given with --preset
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class MethodFlags:
         if self.preset is not None:
             preset = find_preset(self.preset, model_name, force, checkpoint_sha256)
             return MethodChoice(preset.method, f"preset {preset.path}", preset.batch_size,
-                                preset.provenance.precision or "fp32")
+                                preset.provenance.precision or "fp32", preset)
         if self.method_name == NO_METHOD:
             return MethodChoice(None, "--method none")
         if self.method_name not in (None, "atm"):

@@ -215,15 +215,17 @@ def _synchronize(device: torch.device) -> None:
 def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedModel, repeats: int, warm_up: int = 1,
                         progress: Progress | None = None) -> list[list[float]]:
     """Each run's seconds in every repeat (rows: runs), after `warm_up` untimed calls of each; every repeat
-    runs each one once in turn, at the model's precision, synchronised."""
+    runs each one once in turn, at the model's precision, synchronised. The order rotates from round to
+    round, so that no run always follows the same one (or always goes first)."""
     times: list[list[float]] = [[] for _ in runs]
     total, done = (warm_up + repeats) * len(runs), 0
     with torch.inference_mode(), autocast(loaded):
         for round_ in range(warm_up + repeats):
-            for index, run in enumerate(runs):
+            for step in range(len(runs)):
+                index = (round_ + step) % len(runs)
                 _synchronize(loaded.device)
                 started = time.perf_counter()
-                run()
+                runs[index]()
                 _synchronize(loaded.device)
                 if round_ >= warm_up:
                     times[index].append(time.perf_counter() - started)

@@ -1,0 +1,108 @@
+"""Speed goals of `atm calibrate`: the device's latency model, the time goal built on it, and the chosen
+setting timed for real beside the unmerged model, which it must beat.
+
+Trials are constrained by their predicted time (from their token counts: cheap and deterministic, so
+the search stays reproducible); only the result is timed, interleaved with the unmerged model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from atm_cli.engine import ATMConfig
+from atm_cli.errors import RunError, UsageError
+from atm_cli.evaluation import Workload
+from atm_cli.evaluation.latency import LatencyModel, MeasuredSpeed, device_latency, measure_speedups
+
+from .goals import LatencyGoal
+from .search import SearchResult
+from .seeding import first_batches
+from .space import SearchSpace
+
+FIT_SETTINGS = 4  # constant thresholds of the space that ATM's step cost is fitted on
+TIMING_REPEATS = 7  # interleaved rounds when the result is timed
+
+
+def fit_settings(space: SearchSpace, depth: int) -> list[ATMConfig]:
+    """Constant thresholds spread evenly over the space's, from the least merging to the most."""
+    constants = space.constants(depth)
+    if len(constants) <= FIT_SETTINGS:
+        return [space.constant(t) for t in constants]
+    last = len(constants) - 1
+    return [space.constant(constants[round(i * last / (FIT_SETTINGS - 1))]) for i in range(FIT_SETTINGS)]
+
+
+def latency_for(source: Workload, space: SearchSpace, folder: Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> LatencyModel:
+    """The latency model at the search's batch size (cached), with ATM's step cost fitted on the first batch."""
+    return device_latency(source.loaded, source.batches[0][0], {"atm": fit_settings(space, source.depth)}, folder,
+                          progress)
+
+
+def speed_goal(latency: LatencyModel, depth: int, speedup: float | None = None,
+               latency_ms: float | None = None) -> LatencyGoal:
+    """Max top-1 within a predicted time per batch: the unmerged model's over `speedup`, or `latency_ms`."""
+    unmerged = latency.unmerged_seconds(depth)
+    target = unmerged / speedup if speedup is not None else latency_ms / 1e3
+    if target >= unmerged:
+        raise UsageError(f"--target-latency-ms {latency_ms:g} is not below the unmerged model's predicted "
+                         f"{1e3 * unmerged:.4g} ms per batch here: nothing to search")
+    return LatencyGoal(target, predict=lambda outcomes: latency.outcomes_seconds(outcomes, "atm"), speedup=speedup)
+
+
+def check_reachable(goal: LatencyGoal, source: Workload, space: SearchSpace, unmerged_seconds: float) -> None:
+    """Refuse a time the most-merging setting in range is not predicted to reach (on the first batch)."""
+    most = goal.cost(first_batches(source, space.extremes()[0], 1))
+    if goal.target_seconds < most:
+        raise UsageError(f"the goal ({goal.describe()}) asks for {1e3 * goal.target_seconds:.4g} ms per batch; the "
+                         f"most merging setting in range is predicted at {1e3 * most:.4g} ms "
+                         f"({unmerged_seconds / most:.2f}x) on the first batch (widen the ranges, e.g. "
+                         "--theta-min-range)")
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """The chosen setting (and the runner-up) timed for real on the target device."""
+
+    device: str
+    batch_size: int
+    precision: str
+    compiled: bool
+    predicted_speedup: float  # of the chosen setting on the tuning images
+    chosen: MeasuredSpeed
+    runner_up: int | None = None  # its trial number
+    runner_up_speed: MeasuredSpeed | None = None
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision,
+                "compiled": self.compiled, "predicted_speedup": self.predicted_speedup,
+                "measured_speedup": self.chosen.speedup, "speedup_spread": [self.chosen.speedup_low,
+                                                                            self.chosen.speedup_high],
+                **self.chosen.to_dict(),
+                "runner_up": None if self.runner_up is None else {"trial": self.runner_up,
+                                                                   **self.runner_up_speed.to_dict()}}
+
+
+def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, repeats: int = TIMING_REPEATS,
+                progress: Callable[[int, int], None] | None = None) -> SpeedCheck:
+    """Time the chosen setting and the runner-up (the goal's next choice, of another setting) on the first
+    tuning batch, interleaved with the unmerged model. RunError when the chosen setting measured slower than
+    the unmerged model: calibration then returns no merging."""
+    goal, best = result.goal, result.best
+    others = [t for t in result.trials if t.state == "complete" and t.params != best.params]
+    runner_up = goal.choose(others, goal.reference_hits(result.reference), result.rule)
+    configs = [result.space.config(t.params) for t in (best, runner_up) if t is not None]
+    speeds = measure_speedups(source.loaded, source.batches[0][0], configs, repeats, progress)
+    unmerged = latency.unmerged_seconds(source.depth)
+    key = latency.key
+    check = SpeedCheck(key.device, key.batch_size, key.precision, key.compiled,
+                       unmerged / goal.cost(best.outcomes), speeds[0],
+                       None if runner_up is None else runner_up.number, speeds[1] if runner_up is not None else None)
+    if check.chosen.speedup < 1:
+        raise RunError(f"no merging: the best setting found (trial {best.number}) measured "
+                       f"{check.chosen.speedup:.2f}x the unmerged model's speed ({check.chosen.speedup_low:.2f}-"
+                       f"{check.chosen.speedup_high:.2f}x over {repeats} rounds) on {key.device}, batch "
+                       f"{key.batch_size}, {key.precision}{', compiled' if key.compiled else ''}: merging does not pay "
+                       "here, so no setting is returned")
+    return check
