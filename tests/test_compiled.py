@@ -102,6 +102,30 @@ def test_the_unmerged_model_compiles_the_same_way(model, batches):
         torch.testing.assert_close(compiled(batches[1]), model(batches[1]), atol=1e-4, rtol=0)
 
 
+@torch.inference_mode()
+def test_compiled_models_beside_an_atm_model_keep_running_their_own_graph(model, batches):
+    """Fixed-shape views compiled beside an ATM view (as a benchmark or a workload's baseline do): each
+    call still runs its one graph, not the code ATM's graph breaks left in the shared timm forward."""
+    graph_calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        def run(*args):
+            graph_calls.append(graph_module)
+            return graph_module(*args)
+        return run
+
+    tome = compile_patched(patch(copy.copy(model), mid_knob_setting("tome", model)), backend=counting_backend)
+    tome(batches[0])
+    atm = compile_patched(patch(copy.copy(model), atm_setting(1)), backend=counting_backend)
+    for images in batches:
+        atm(images)
+    evit = compile_patched(patch(copy.copy(model), mid_knob_setting("evit", model)), backend=counting_backend)
+    for run in (evit, tome, evit):
+        graph_calls.clear()
+        run(batches[1])
+        assert len(graph_calls) == 1
+
+
 def atm_setting(r_multiple: int) -> ATMConfig:
     return ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, r_multiple=r_multiple)  # random weights merge at 0.3
 

@@ -16,7 +16,9 @@ batches run eagerly (padding would move the batch-adaptive r).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,7 @@ class CompiledModel:
     """
 
     def __init__(self, model: nn.Module, mode: str | None = None, batch_size: int | None = None,
-                 backend: str = "inductor") -> None:
+                 backend: str | Callable = "inductor") -> None:
         state = getattr(model, _STATE, None)
         self.model = model
         self.mode = mode
@@ -54,7 +56,8 @@ class CompiledModel:
         self.last_path = ""
         self.last_compiled = False
         self._graphs = mode == "reduce-overhead"  # CUDA graphs: outputs live in buffers the next replay reuses
-        self._run = torch.compile(model, fullgraph=self.fixed_shapes, dynamic=False, mode=mode, backend=backend)
+        self._run = torch.compile(_own_frame(model), fullgraph=self.fixed_shapes, dynamic=False, mode=mode,
+                                  backend=backend)
 
     def __call__(self, images: Tensor) -> Tensor:
         if self.batch_size is None:
@@ -103,8 +106,25 @@ class CompiledModel:
             source=None if trace.source is None else trace.source[:n_images].clone())
 
 
+_FRAMES = itertools.count()
+
+
+def _own_frame(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """`model` called from a function with a code object of its own.
+
+    Dynamo keeps compiled code per code object, guarded on types and shapes, not on which module
+    instance runs: every patched view of a model shares timm's `forward`, and an ATM view, whose
+    graph breaks at its host decision, leaves entries there with guards so weak that another view's
+    call would run through them, eagerly. A frame per compiled model keeps each model's graphs its own.
+    """
+    namespace: dict = {}
+    source = "def run_model(images):\n    return model(images)\n"
+    exec(compile(source, f"<atm compiled model {next(_FRAMES)}>", "exec"), {"model": model}, namespace)
+    return namespace["run_model"]
+
+
 def compile_patched(model: nn.Module, mode: str | None = None, batch_size: int | None = None,
-                    backend: str = "inductor") -> CompiledModel:
+                    backend: str | Callable = "inductor") -> CompiledModel:
     """Compile `model` as it is patched now (patch it first; unpatched: the unmerged model).
 
     `mode`: torch.compile's ("reduce-overhead" on CUDA: CUDA graphs). `batch_size`: the compiled batch
