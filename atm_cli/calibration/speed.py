@@ -69,7 +69,8 @@ class SpeedCheck:
     batch_size: int
     precision: str
     compiled: bool
-    predicted_speedup: float  # of the chosen setting on the tuning images
+    predicted_speedup: float  # of the chosen setting over the tuning images (what the goal constrained)
+    predicted_timed_speedup: float  # on the batch it was timed on (ATM's tokens differ from batch to batch)
     chosen: MeasuredSpeed
     runner_up: int | None = None  # its trial number
     runner_up_speed: MeasuredSpeed | None = None
@@ -77,6 +78,7 @@ class SpeedCheck:
     def to_dict(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision,
                 "compiled": self.compiled, "predicted_speedup": self.predicted_speedup,
+                "predicted_timed_speedup": self.predicted_timed_speedup,
                 "measured_speedup": self.chosen.speedup, "speedup_spread": [self.chosen.speedup_low,
                                                                             self.chosen.speedup_high],
                 **self.chosen.to_dict(),
@@ -96,8 +98,8 @@ def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, r
     speeds = measure_speedups(source.loaded, source.batches[0][0], configs, repeats, progress)
     unmerged = latency.unmerged_seconds(source.depth)
     key = latency.key
-    check = SpeedCheck(key.device, key.batch_size, key.precision, key.compiled,
-                       unmerged / goal.cost(best.outcomes), speeds[0],
+    check = SpeedCheck(key.device, key.batch_size, key.precision, key.compiled, unmerged / goal.cost(best.outcomes),
+                       unmerged / latency.predict_seconds(speeds[0].tokens, "atm"), speeds[0],
                        None if runner_up is None else runner_up.number, speeds[1] if runner_up is not None else None)
     if check.chosen.speedup < 1:
         raise RunError(f"no merging: the best setting found (trial {best.number}) measured "

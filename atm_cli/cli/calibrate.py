@@ -217,8 +217,9 @@ def _print_speed(console: Console, report: CalibrationReport) -> None:
     chosen = speed.chosen
     console.print(f"timed on {speed.device}, batch {speed.batch_size}, {speed.precision}"
                   f"{', compiled' if speed.compiled else ''}, {chosen.repeats} rounds interleaved with the unmerged "
-                  f"model (first tuning batch): {chosen.speedup:.2f}x measured, {speed.predicted_speedup:.2f}x "
-                  "predicted", highlight=False, soft_wrap=True)
+                  f"model (first tuning batch): {chosen.speedup:.2f}x measured, {speed.predicted_timed_speedup:.2f}x "
+                  f"predicted on that batch ({speed.predicted_speedup:.2f}x over the tuning images)", highlight=False,
+                  soft_wrap=True)
     if speed.runner_up is not None:
         other = speed.runner_up_speed
         console.print(f"runner-up: trial {speed.runner_up}, {other.speedup:.2f}x measured "

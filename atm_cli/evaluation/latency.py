@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from atm_cli.engine import MethodConfig
 from atm_cli.engine.compiled import VARIANT_LIMIT
+from atm_cli.files import write_atomically
 
 from .models import LoadedModel, autocast
 from .outcomes import Outcomes
@@ -52,7 +52,7 @@ Progress = Callable[[int, int], None]
 STEP_TOKENS = 8  # table spacing
 FORMAT = 1  # of the cache file
 CACHE_ENV = "ATM_CACHE"
-TABLE_REPEATS = 5
+TABLE_REPEATS = 7
 FIT_REPEATS = 5
 
 
@@ -188,18 +188,13 @@ def read_cached(key: LatencyKey, folder: Path) -> LatencyModel | None:
 
 
 def write_cached(model: LatencyModel, folder: Path) -> Path | None:
-    """Save atomically (a temporary file, then a rename); None when the folder cannot be written: the
-    cache only saves time, so the measured model is used all the same."""
+    """Save atomically; None when the folder cannot be written: the cache only saves time, so the measured
+    model is used all the same."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".latency-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(model.to_dict(), handle, indent=1)
-        path = folder / model.key.file_name()
-        os.replace(tmp, path)
+        return write_atomically(folder / model.key.file_name(), json.dumps(model.to_dict(), indent=1))
     except OSError:
         return None
-    return path
 
 
 def token_grid(fewest: int, full: int, step: int = STEP_TOKENS) -> tuple[int, ...]:
