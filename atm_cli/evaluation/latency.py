@@ -207,11 +207,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedModel, repeats: int, warm_up: int = 1,
+def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedModel, repeats: int,
                         progress: Progress | None = None) -> list[list[float]]:
-    """Each run's seconds in every repeat (rows: runs), after `warm_up` untimed calls of each; every repeat
+    """Each run's seconds in every repeat (rows: runs), after untimed warm-up calls of each; every repeat
     runs each one once in turn, at the model's precision, synchronised. The order rotates from round to
     round, so that no run always follows the same one (or always goes first)."""
+    # Compiled: the first call compiles, and CUDA graphs are recorded on the calls after it.
+    warm_up = 3 if loaded.compiled else 1
     times: list[list[float]] = [[] for _ in runs]
     total, done = (warm_up + repeats) * len(runs), 0
     with torch.inference_mode(), autocast(loaded):
