@@ -701,3 +701,21 @@ def test_postgresql_two_processes_a_kill_and_a_resume(postgres, journal_study):
     assert PASSWORD not in resumed.output
     after = rdb_trials(postgres)
     assert len(after) == 8 and {number: after[number] for number in before} == before
+
+
+def test_a_trial_left_nameless_by_a_killed_process_is_failed_on_resume(monkeypatch):
+    """A kill between a trial's creation and its first act (naming its process) leaves it RUNNING with no
+    owner; the resumed study must not count it as a live process's trial (it would run one trial too few).
+    What a user loses: that trial only."""
+    from atm_cli.calibration import study as study_module
+
+    study = optuna.create_study()
+    left_running = study.ask()
+    named = study.ask()
+    named.set_user_attr(study_module.WORKER_ATTR, study_module.WORKER)  # this live process's
+    study_module.fail_dead_trials(study)
+    assert study.trials[left_running.number].state == optuna.trial.TrialState.RUNNING  # just created: may be alive
+    monkeypatch.setattr(study_module, "NAMELESS_SECONDS", -1.0)  # as if the grace had passed
+    study_module.fail_dead_trials(study)
+    assert study.trials[left_running.number].state == optuna.trial.TrialState.FAIL
+    assert study.trials[named.number].state == optuna.trial.TrialState.RUNNING

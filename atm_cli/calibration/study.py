@@ -9,6 +9,7 @@ processes sharing a study start at the same moment are marked failed, not counte
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -41,7 +42,8 @@ CREATE_TRIES = 5  # processes creating one RDB's tables at once: all but one fai
 # How SQLite and PostgreSQL report a table, or a unique row, that another process created a moment earlier.
 CREATE_RACE_SIGNS = ("already exists", "duplicate key", "UNIQUE constraint failed")
 SETUP_WAIT_SECONDS = 10  # a process that lost the create race waits this long for the winner's setup
-SQLITE_TIMEOUT_SECONDS = 60  # several processes on one SQLite file wait for its lock, not fail
+SQLITE_TIMEOUT_SECONDS = 60
+NAMELESS_SECONDS = 2  # a running trial with no worker named this long after its start was left by a killed process  # several processes on one SQLite file wait for its lock, not fail
 
 
 def _say(message: str) -> None:
@@ -247,9 +249,14 @@ def _alive(worker: str | None) -> bool:
 
 
 def fail_dead_trials(study: optuna.Study) -> None:
-    """Mark failed the running trials of processes on this host that died (a journal has no heartbeat)."""
+    """Mark failed the running trials of processes on this host that died (a journal has no heartbeat), and
+    those that never said whose they are: a live process names itself as its trial's first act
+    (`up_to`), so a trial still nameless after `NAMELESS_SECONDS` lost its process in between."""
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if WORKER_ATTR in trial.user_attrs and not _alive(trial.user_attrs[WORKER_ATTR]):
+        nameless = WORKER_ATTR not in trial.user_attrs
+        if nameless and trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > NAMELESS_SECONDS \
+                or not nameless and not _alive(trial.user_attrs[WORKER_ATTR]):
             try:
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except RuntimeError:  # another process marked it meanwhile
