@@ -375,16 +375,22 @@ def test_a_disk_that_fills_while_eval_writes_its_results_loses_neither_table_nor
 
 def test_a_disk_that_fills_while_calibrate_writes_the_preset_keeps_the_trials(journal_study, journal_copy, tmp_path,
                                                                             monkeypatch):
-    """The disk fills while `atm calibrate` writes --out. Lost: nothing, the trials stay in --storage and the
-    error gives the chosen setting. Seen: one line, exit 1; no 0-byte or half preset is left."""
+    """The disk fills while `atm calibrate` writes --out. Lost: nothing, the table and the --json object (the
+    chosen setting) are printed first and the trials stay in --storage. Seen: one error line saying where
+    the result is, exit 1; no 0-byte or half preset is left."""
     folder = tmp_path / "presets"
     folder.mkdir()
     fill_the_disk(monkeypatch)
     outcome = runner.invoke(app, calibrate_args(journal_study["model"], journal_study["data"], "--n-trials", "2",
                                                 "--storage", journal_copy, "--study-name", STUDY,
-                                                "--out", folder / "preset.yaml"))
-    one_error_line(outcome, 1, f"cannot write the preset to {folder / 'preset.yaml'}: No space left on device",
-                   "the chosen setting is {'alpha'", f"the trials are kept in {journal_copy}")
+                                                "--out", folder / "preset.yaml", "--json"))
+    assert outcome.exit_code == 1, outcome.output
+    assert set(json.loads(outcome.stdout)["params"]) >= {"alpha", "beta", "theta_min"}
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith("atm: error:")]
+    assert errors == [f"atm: error: cannot write --out {folder / 'preset.yaml'}: No space left on device; the chosen "
+                      f"setting is in the table above and on stdout (--json), the trials are kept in {journal_copy} "
+                      f"(study {STUDY})"]
+    assert "alpha / beta / theta_min" in outcome.stderr
     assert list(folder.iterdir()) == [] and len(journal_trials(journal_copy)) == 2
 
 

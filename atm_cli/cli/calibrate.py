@@ -90,6 +90,7 @@ def command(
 
     from atm_cli.calibration import CalibrationRequest, calibrate
     from atm_cli.calibration.study import finished_trials, redact
+    from atm_cli.presets import save_preset
 
     space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step, split_layer,
                                search_split_layer)
@@ -99,7 +100,7 @@ def command(
         no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, target_speedup=target_speedup,
         target_latency_ms=target_latency_ms, latency_cache=cache_dir, n_trials=n_trials, timeout=timeout,
         seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
-        storage=storage, study_name=study_name, out=out)
+        storage=storage, study_name=study_name)  # --out is written here, after the table and --json are out
     request.check()
     checks.check_output(out, "--out")
     # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
@@ -137,8 +138,18 @@ def command(
     result = report.to_dict()
     console.print(_table(report, result))
     _print_notes(console, report, result)
-    if json_output:
-        typer.echo(json.dumps(result))
+    try:
+        if out is not None:  # checked writable before the work; a disk that filled during it loses no result
+            trials = f"the trials are kept in {redact(storage)} (study {study_name})" if storage \
+                else "no --storage kept the trials"
+            checks.written_or_said(out, "--out", lambda path: save_preset(report.preset, path),
+                                   f"the chosen setting is in the table above{' and on stdout (--json)' if json_output else ''}"
+                                   f", {trials}")
+            result = report.to_dict()  # with the preset's path
+            console.print(f"preset written to {out}", highlight=False)
+    finally:
+        if json_output:
+            typer.echo(json.dumps(result))
 
 
 def _table(report: CalibrationReport, result: dict) -> Table:
@@ -208,8 +219,6 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
     else:
         console.print(f"reported on held-out images ({report.reported.data}); tuned on {report.tuning.data}",
                       highlight=False)
-    if result["preset"]:
-        console.print(f"preset written to {result['preset']}", highlight=False)
 
 
 def _print_speed(console: Console, report: CalibrationReport) -> None:
