@@ -181,7 +181,7 @@ def test_a_compiled_workload_measures_what_the_eager_one_does(tiny_vit_dir, imag
 
     monkeypatch.setattr(workload_module, "compile_patched", functools.partial(compile_patched, backend=BACKEND))
     eager_model = load_model(str(tiny_vit_dir), device="cpu")
-    compiled_model = dataclasses.replace(eager_model, compiled=True)
+    compiled_model = dataclasses.replace(eager_model, compiled=True, compile_data_dependent=True)  # --compile on
     batches = preload(load_image_folder(image_folder, eager_model), batch_size=5)  # 12 images: 5, 5, 2
     eager, compiled = Workload(eager_model, batches), Workload(compiled_model, batches)
     for method in (None, ToMeConfig(r=2), atm_setting(1)):
@@ -199,3 +199,20 @@ def test_compile_auto_means_cuda_only_and_other_words_are_refused():
     assert resolve_compile("on", torch.device("cpu")) and not resolve_compile("off", torch.device("cuda"))
     with pytest.raises(UsageError, match="--compile yes"):
         resolve_compile("yes", torch.device("cpu"))
+
+
+def test_compile_auto_leaves_a_data_dependent_setting_eager(tiny_vit_dir):
+    """`--compile auto` compiles the unmerged model and fixed-shape settings, not ATM (per-block segments ran
+    slower than eager on the host-overhead proxy); `--compile on` compiles ATM too."""
+    import dataclasses
+
+    from atm_cli.engine import ToMeConfig
+    from atm_cli.engine.compiled import CompiledModel
+    from atm_cli.evaluation import Workload, load_model
+
+    eager_model = load_model(str(tiny_vit_dir), device="cpu")
+    auto = Workload(dataclasses.replace(eager_model, compiled=True))
+    on = Workload(dataclasses.replace(eager_model, compiled=True, compile_data_dependent=True))
+    assert isinstance(auto.runner(None), CompiledModel) and isinstance(auto.runner(ToMeConfig(r=2)), CompiledModel)
+    assert not isinstance(auto.runner(atm_setting(1)), CompiledModel)
+    assert isinstance(on.runner(atm_setting(1)), CompiledModel)

@@ -45,8 +45,8 @@ PRECISION = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
                               "float32 whatever it is.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 COMPILE = typer.Option("auto", "--compile", metavar="auto|on|off",
-                       help="Run every setting and the unmerged model through torch.compile (on CUDA: CUDA graphs); "
-                            "compile time is left out of images/s. auto: on for CUDA.")
+                       help="Run the settings and the unmerged model through torch.compile (on CUDA: CUDA graphs); "
+                            "compile time is left out of images/s. auto: on for CUDA, ATM left eager; on: ATM too.")
 RANDOM_WEIGHTS_NOTE = "note: random weights (--no-pretrained): top-1 and top-5 mean nothing; GFLOPs and token " \
                       "counts still hold"
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a process ended by Ctrl-C

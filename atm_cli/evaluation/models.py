@@ -42,6 +42,9 @@ class LoadedModel:
     device: torch.device
     precision: str = "fp32"  # autocast dtype of every forward pass: fp32 (none), bf16 or fp16
     compiled: bool = False  # every setting (and the unmerged model) runs through torch.compile (engine/compiled.py)
+    # ATM too (its r follows the data: per-block segments, which on the CPU proxy ran slower than eager);
+    # `--compile on` only, where `auto` leaves data-dependent settings eager.
+    compile_data_dependent: bool = False
     # The unmerged model's cost, counted once by the engine (ToMe with r=0 is the exact unmerged forward).
     unmerged_gflops: float = 0.0
     unmerged_tokens: tuple[int, ...] = ()  # tokens entering each block (all equal)
@@ -73,7 +76,8 @@ COMPILE_MODES = ("auto", "on", "off")
 def resolve_compile(compile: str, device: torch.device) -> bool:
     """Whether forward passes run compiled: "auto" compiles on CUDA, where a merged forward is bound by
     launching its many small operations (CUDA graphs replay them at once), and not on the CPU, where
-    compiling costs a minute per setting and the forward is bound by arithmetic."""
+    compiling costs a minute per setting and the forward is bound by arithmetic. ("auto" leaves ATM, whose
+    shapes follow the data, eager: `LoadedModel.compile_data_dependent`.)"""
     if compile not in COMPILE_MODES:
         raise UsageError(f"--compile {compile}: choose from {', '.join(COMPILE_MODES)}")
     return device.type == "cuda" if compile == "auto" else compile == "on"
@@ -280,6 +284,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
         device=target,
         precision=precision,
         compiled=compiled,
+        compile_data_dependent=compile == "on",
     )
     _count_unmerged_cost(loaded)
     return loaded

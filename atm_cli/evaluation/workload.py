@@ -73,9 +73,11 @@ class Workload:
 
     def runner(self, method: MethodConfig | None) -> Callable[[Tensor], Tensor]:
         """What a batch goes through for `method`: its model, or that model compiled once when the model is
-        loaded compiled (the unmerged model's compiled form is kept beside the current setting's)."""
+        loaded compiled (the unmerged model's compiled form is kept beside the current setting's); a setting
+        whose shapes follow the data (ATM) only with `--compile on`."""
         model = self.model(method)
-        if not self.loaded.compiled:
+        data_dependent = method is not None and not type(method).FIXED_SHAPES
+        if not self.loaded.compiled or data_dependent and not self.loaded.compile_data_dependent:
             return model
         if method not in self._runners:
             mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None  # CUDA graphs
