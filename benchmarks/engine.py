@@ -41,7 +41,7 @@ from torchvision.datasets import ImageFolder
 
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch
 from atm_cli.engine.compiled import compile_patched
-from atm_cli.evaluation.models import PRECISIONS
+from atm_cli.evaluation.models import PRECISIONS, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-val-sample.tar.gz"
@@ -97,21 +97,13 @@ def attention_kernels(run, batch, autocast) -> str:
     return ",".join(found) or ("math" if names else "unfused")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prepared(model: torch.nn.Module, config, compiled: bool) -> tuple:
     """A view of `model` patched once with `config` (None: unmerged): (what to call, what holds the trace),
     compiled as `atm --compile on` compiles it when asked."""
     patched = copy.copy(model)
     if config is not None:
         patch(patched, config)
-    if not compiled:
-        return patched, patched
-    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-    return compile_patched(patched, mode=mode), patched
+    return (compile_patched(patched) if compiled else patched), patched
 
 
 def measure(model, device, pool, batch_size, precision, reduction, rounds, n_batches, compiled=False) -> list[dict]:

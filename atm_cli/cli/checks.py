@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from atm_cli.errors import RunError, UsageError
-from atm_cli.files import write_atomically
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds: every command takes the same range
 MAX_GRID_VALUES = 100_000  # values of one threshold's grid across [-1, 1] (a smaller --step would fill memory)
@@ -76,8 +75,6 @@ def check_csv_columns(path: Path | None, columns: Sequence[str], flag: str) -> N
         raise UsageError(f"{flag} {path} cannot be read as CSV: {error}") from None
     if header != list(columns):
         raise UsageError(f"{flag} {path} has other columns than atm eval writes; use a new file")
-
-
 
 
 def written_or_said(path: Path, flag: str, write: Callable[[Path], object], kept: str) -> None:

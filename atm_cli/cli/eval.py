@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from atm_cli.errors import UsageError
+from atm_cli.files import write_atomically
 from atm_cli.model_names import DEMO_MODEL_ALIAS
 
 from . import checks
@@ -151,7 +152,7 @@ def _result_table(report: EvalReport) -> Table:
 def _write_results(path: Path, result: dict) -> None:
     """The JSON object, or the CSV with one more row; atomically (a write cut short leaves the file as it was)."""
     if path.suffix == ".json":
-        checks.write_atomically(path, json.dumps(result, indent=2) + "\n")
+        write_atomically(path, json.dumps(result, indent=2) + "\n")
         return
     row = {key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in result.items()}
     checks.check_csv_columns(path, RESULT_COLUMNS, "--results-file")
@@ -161,7 +162,7 @@ def _write_results(path: Path, result: dict) -> None:
     if not earlier:
         writer.writeheader()
     writer.writerow(row)
-    checks.write_atomically(path, earlier + lines.getvalue())
+    write_atomically(path, earlier + lines.getvalue())
 
 
 def _speed_note(preset, loaded, batch_size: int) -> str | None:

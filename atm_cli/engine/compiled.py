@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .patching import _STATE
 
@@ -44,7 +44,7 @@ class CompiledModel:
     compiled for this model so far.
     """
 
-    def __init__(self, model: nn.Module, mode: str | None = None, batch_size: int | None = None,
+    def __init__(self, model: Callable[[Tensor], Tensor], mode: str | None = "auto", batch_size: int | None = None,
                  backend: str | Callable = "inductor") -> None:
         state = getattr(model, _STATE, None)
         self.model = model
@@ -55,9 +55,18 @@ class CompiledModel:
         self.variants = 0
         self.last_path = ""
         self.last_compiled = False
-        self._graphs = mode == "reduce-overhead"  # CUDA graphs: outputs live in buffers the next replay reuses
-        self._run = torch.compile(_own_frame(model), fullgraph=self.fixed_shapes, dynamic=False, mode=mode,
-                                  backend=backend)
+        self._backend = backend
+        self._graphs = False  # CUDA graphs: outputs live in buffers the next replay reuses
+        self._run: Callable[[Tensor], Tensor] | None = None  # compiled at the first call, for its device
+
+    def _compile_for(self, images: Tensor) -> Callable[[Tensor], Tensor]:
+        if self._run is None:
+            if self.mode == "auto":  # CUDA graphs on the GPU (a replay needs no host), torch's default elsewhere
+                self.mode = "reduce-overhead" if images.is_cuda else None
+            self._graphs = self.mode == "reduce-overhead"
+            self._run = torch.compile(_own_frame(self.model), fullgraph=self.fixed_shapes, dynamic=False,
+                                      mode=self.mode, backend=self._backend)
+        return self._run
 
     def __call__(self, images: Tensor) -> Tensor:
         if self.batch_size is None:
@@ -79,10 +88,11 @@ class CompiledModel:
 
     def _compiled(self, images: Tensor) -> Tensor:
         before, start = _graphs_compiled(), time.perf_counter()
+        run = self._compile_for(images)
         if self._graphs and images.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         with torch._dynamo.config.patch(recompile_limit=VARIANT_LIMIT, accumulated_recompile_limit=VARIANT_LIMIT):
-            logits = self._run(images)
+            logits = run(images)
         if self._graphs:
             logits = logits.clone()
             self._trim_trace(images.shape[0])  # copies the trace's tensors out of the graph's buffers
@@ -109,7 +119,7 @@ class CompiledModel:
 _FRAMES = itertools.count()
 
 
-def _own_frame(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def _own_frame(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """`model` called from a function with a code object of its own.
 
     Dynamo keeps compiled code per code object, guarded on types and shapes, not on which module
@@ -123,11 +133,13 @@ def _own_frame(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return namespace["run_model"]
 
 
-def compile_patched(model: nn.Module, mode: str | None = None, batch_size: int | None = None,
+def compile_patched(model: Callable[[Tensor], Tensor], mode: str | None = "auto", batch_size: int | None = None,
                     backend: str | Callable = "inductor") -> CompiledModel:
-    """Compile `model` as it is patched now (patch it first; unpatched: the unmerged model).
+    """Compile `model` as it is patched now (patch it first; unpatched: the unmerged model; or any function of a
+    batch, e.g. one block).
 
-    `mode`: torch.compile's ("reduce-overhead" on CUDA: CUDA graphs). `batch_size`: the compiled batch
-    size (None: the first call's). Patching the model again afterwards needs a new `compile_patched`.
+    `mode`: torch.compile's; "auto" (default): "reduce-overhead" (CUDA graphs) when the first batch is on a
+    GPU, torch's default otherwise. `batch_size`: the compiled batch size (None: the first call's).
+    Patching the model again afterwards needs a new `compile_patched`.
     """
     return CompiledModel(model, mode=mode, batch_size=batch_size, backend=backend)

@@ -41,10 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from atm_cli.engine import MethodConfig
-from atm_cli.engine.compiled import VARIANT_LIMIT
+from atm_cli.engine.compiled import compile_patched
 from atm_cli.files import write_atomically
 
-from .models import LoadedModel, autocast
+from .models import LoadedModel, autocast, synchronize
 from .outcomes import Outcomes
 from .workload import patched_view
 
@@ -202,11 +202,6 @@ def token_grid(fewest: int, full: int, step: int = STEP_TOKENS) -> tuple[int, ..
     return tuple(sorted({*range(full, fewest, -step), fewest}))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedModel, repeats: int,
                         progress: Progress | None = None) -> list[list[float]]:
     """Each run's seconds in every repeat (rows: runs), after untimed warm-up calls of each; every repeat
@@ -220,10 +215,10 @@ def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedMode
         for round_ in range(warm_up + repeats):
             for step in range(len(runs)):
                 index = (round_ + step) % len(runs)
-                _synchronize(loaded.device)
+                synchronize(loaded.device)
                 started = time.perf_counter()
                 runs[index]()
-                _synchronize(loaded.device)
+                synchronize(loaded.device)
                 if round_ >= warm_up:
                     times[index].append(time.perf_counter() - started)
                 done += 1
@@ -233,28 +228,25 @@ def interleaved_seconds(runs: Sequence[Callable[[], object]], loaded: LoadedMode
 
 
 def _compiled(function: Callable[[Tensor], Tensor], loaded: LoadedModel) -> Callable[[Tensor], Tensor]:
-    """`function` as the model's forward runs it: compiled (static shapes) when the model runs compiled."""
-    if not loaded.compiled:
-        return function
-    graphs = loaded.device.type == "cuda"
-    compiled = torch.compile(function, dynamic=False, mode="reduce-overhead" if graphs else None)
-
-    def run(x: Tensor) -> Tensor:
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        # One graph per table point: dynamo's default limit of 8 per code object would fall back to eager.
-        with torch._dynamo.config.patch(recompile_limit=VARIANT_LIMIT, accumulated_recompile_limit=VARIANT_LIMIT):
-            return compiled(x)
-    return run
+    """`function` (a model, or a piece of one) as the model's forward runs it: compiled when the model runs
+    compiled (static shapes: one graph per table point)."""
+    return compile_patched(function) if loaded.compiled else function
 
 
 def _model_run(loaded: LoadedModel, model: nn.Module, images: Tensor) -> Callable[[], object]:
-    if loaded.compiled:
-        from atm_cli.engine.compiled import compile_patched
+    run = _compiled(model, loaded)
+    return lambda: run(images)
 
-        runner = compile_patched(model, mode="reduce-overhead" if loaded.device.type == "cuda" else None)
-        return lambda: runner(images)
-    return lambda: model(images)
+
+def _beside_unmerged(loaded: LoadedModel, images: Tensor, configs: Sequence[MethodConfig], repeats: int,
+                     progress: Progress | None) -> tuple[list[float], list[list[float]], list[nn.Module]]:
+    """Each setting (a view patched for it) and the unmerged model run on `images`, interleaved: the unmerged
+    model's seconds per round, each setting's, and the views (their traces hold the timed token counts)."""
+    views = [patched_view(loaded, config) for config in configs]
+    images = images.to(loaded.device)
+    runs = [_model_run(loaded, loaded.model, images), *(_model_run(loaded, view, images) for view in views)]
+    unmerged, *settings = interleaved_seconds(runs, loaded, repeats, progress=progress)
+    return unmerged, settings, views
 
 
 def measure_latency(loaded: LoadedModel, batch_size: int, repeats: int = TABLE_REPEATS,
@@ -305,14 +297,11 @@ def fit_step(latency: LatencyModel, loaded: LoadedModel, images: Tensor, configs
     names = {config.NAME for config in configs}
     if len(names) != 1:
         raise ValueError(f"fit_step takes settings of one method, got {sorted(names)}")
-    views = [patched_view(loaded, config) for config in configs]
-    images = images.to(loaded.device)
-    runs = [_model_run(loaded, loaded.model, images), *(_model_run(loaded, view, images) for view in views)]
-    times = interleaved_seconds(runs, loaded, repeats, progress=progress)
+    times, settings, views = _beside_unmerged(loaded, images, configs, repeats, progress)
     depth = len(loaded.model.blocks)
     # Each round's runs at the table's load: scaled so that the unmerged model takes its predicted time.
     unmerged = latency.unmerged_seconds(depth)
-    rescaled = [[t * unmerged / u for t, u in zip(row, times[0])] for row in times[1:]]
+    rescaled = [[t * unmerged / u for t, u in zip(row, times)] for row in settings]
     traces = [last_trace(view).tokens for view in views]
     unexplained = [statistics.median(row) - latency.tables_seconds(tokens) for row, tokens in zip(rescaled, traces)]
     per_block, per_token = fit_nonnegative(np.array([[depth, sum(tokens[:-1])] for tokens in traces], dtype=float),
@@ -379,13 +368,9 @@ def measure_speedups(loaded: LoadedModel, images: Tensor, configs: Sequence[Meth
     """Time each setting and the unmerged model on `images`, every round running each once in turn."""
     from atm_cli.engine import last_trace
 
-    images = images.to(loaded.device)
-    views = [patched_view(loaded, config) for config in configs]
-    runs = [_model_run(loaded, loaded.model, images), *(_model_run(loaded, view, images) for view in views)]
-    times = interleaved_seconds(runs, loaded, repeats, progress=progress)
-    baseline = times[0]
+    baseline, settings, views = _beside_unmerged(loaded, images, configs, repeats, progress)
     speeds = []
-    for row, view in zip(times[1:], views):
+    for row, view in zip(settings, views):
         ratios = [u / t for u, t in zip(baseline, row)]
         speeds.append(MeasuredSpeed(statistics.median(row), statistics.median(baseline), statistics.median(ratios),
                                     min(ratios), max(ratios), repeats, tuple(last_trace(view).tokens)))

@@ -12,7 +12,7 @@ from atm_cli.engine import MethodConfig, last_trace
 from atm_cli.errors import Interruptible, UsageError
 
 from .data import ImageSet, iterate_batches, make_loader
-from .models import LoadedModel, autocast
+from .models import LoadedModel, autocast, synchronize
 from .outcomes import BatchOutcome, Comparison, Outcomes
 from .workload import Workload, patched_view
 
@@ -30,21 +30,16 @@ def check_method(loaded: LoadedModel, method: MethodConfig | None) -> None:
         patched_view(loaded, method)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_batch(loaded: LoadedModel, model: Callable[[Tensor], Tensor], traced: nn.Module | None, images: Tensor,
                   labels: Tensor) -> tuple[BatchOutcome, float]:
     """One batch through `model` (`loaded.model`, a view of it patched for a setting, or either compiled) at
     the model's precision: its outcome and the model's time in seconds (synchronised). `traced`: the patched
     view whose trace gives GFLOPs and tokens (None: the unmerged model)."""
-    _synchronize(loaded.device)
+    synchronize(loaded.device)
     started = time.perf_counter()
     with torch.inference_mode(), autocast(loaded):
         logits = model(images.to(loaded.device, non_blocking=True))
-    _synchronize(loaded.device)
+    synchronize(loaded.device)
     seconds = time.perf_counter() - started
     if traced is not None:
         trace = last_trace(traced)

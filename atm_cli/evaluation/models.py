@@ -83,6 +83,12 @@ def resolve_compile(compile: str, device: torch.device) -> bool:
     return device.type == "cuda" if compile == "auto" else compile == "on"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer around a forward times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(loaded: LoadedModel):
     """The autocast context every forward pass of `loaded` runs in (disabled at fp32)."""
     return torch.autocast(device_type=loaded.device.type, dtype=PRECISIONS[loaded.precision],

@@ -80,8 +80,7 @@ class Workload:
         if not self.loaded.compiled or data_dependent and not self.loaded.compile_data_dependent:
             return model
         if method not in self._runners:
-            mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None  # CUDA graphs
-            self._runners[method] = compile_patched(model, mode=mode)
+            self._runners[method] = compile_patched(model)
         return self._runners[method]
 
     def measure(self, method: MethodConfig | None, images: Tensor, labels: Tensor) -> tuple[BatchOutcome, float]:
@@ -89,7 +88,7 @@ class Workload:
         from .measure import measure_batch
 
         runner = self.runner(method)
-        traced = None if method is None else self.model(method)
+        traced = None if method is None else self._view  # the patched view `runner` runs
         outcome, seconds = measure_batch(self.loaded, runner, traced, images, labels)
         if isinstance(runner, CompiledModel) and runner.last_compiled:  # time the batch once more, compiled
             outcome, seconds = measure_batch(self.loaded, runner, traced, images, labels)
