@@ -10,7 +10,8 @@ from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, 
                       ZeroTPruneConfig, method_class,
                       method_config, resolve_split_layer, threshold_schedule, tome_schedule)
 
-_LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching"}
+_LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching",
+         "best_match_scores": ".merge"}
 
 
 def __getattr__(name: str):

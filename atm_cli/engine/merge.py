@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from .attention import attention_with_sizes
 from .methods.base import Reduction
 
 # Keys of zero norm (possible in half precision) normalise to zero instead of NaN, which would sort first.
@@ -47,6 +47,24 @@ def rows(t: Tensor, pos: Tensor | slice) -> Tensor:
     return t.gather(1, pos[..., None].expand(-1, -1, t.shape[-1]))
 
 
+def add_rows(target: Tensor, dst: Tensor, source: Tensor, src: Tensor) -> Tensor:
+    """`target` (B, N, C) with each token of `source` at positions `src` (B, k) added into `target`'s token at
+    `dst` (B, k), per image: the sum-merge. Several sources may share a destination."""
+    return target.scatter_add(1, dst[..., None].expand(-1, -1, target.shape[-1]), rows(source, src))
+
+
+def first_positions(batch: int, count: int, device: torch.device) -> Tensor:
+    """Positions 0 .. count - 1 for each of `batch` images (B, count): the prefix tokens, or an unchanged order."""
+    return torch.arange(count, device=device).expand(batch, -1)
+
+
+def unit_vectors(t: Tensor) -> Tensor:
+    """`t` in float32, L2-normalised along its last dimension (the contract's metric normalisation), so that
+    dot products are cosine similarities; a zero vector stays zero (NORM_EPS)."""
+    t = t.float()
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # F.normalize, one op less
+
+
 def alternate_split(batch: int, n_tokens: int, num_prefix: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
     """ToMe's split over the whole sequence: a = even positions, b = odd positions (as position tensors)."""
     a_pos = torch.arange(0, n_tokens, 2, device=device).expand(batch, -1)
@@ -64,7 +82,7 @@ def size_distinctive_split(size: Tensor | None, batch: int, n_tokens: int, num_p
     """Image tokens sorted by merging size (stable, ascending); a = the smaller half, b = the rest."""
     n_image = n_tokens - num_prefix
     if size is None:  # all sizes 1: the stable sort keeps the current order
-        order = torch.arange(n_image, device=device).expand(batch, -1)
+        order = first_positions(batch, n_image, device)
     else:
         order = torch.sort(size[:, num_prefix:, 0], dim=1, stable=True).indices
     order = order + num_prefix
@@ -79,8 +97,7 @@ def bipartite_match(metric: Tensor, a_pos: Tensor | slice, b_pos: Tensor | slice
     Scores are float32 whatever the model's precision: a threshold compared on the bfloat16 grid
     (spacing 0.004 near 0.9) would move token counts between precisions.
     """
-    metric = metric.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # F.normalize, one op less
+    metric = unit_vectors(metric)
     scores = rows(metric, a_pos) @ rows(metric, b_pos).transpose(1, 2)
     if a_prefix:
         scores[:, :a_prefix, :] = -torch.inf
@@ -88,6 +105,15 @@ def bipartite_match(metric: Tensor, a_pos: Tensor | slice, b_pos: Tensor | slice
         scores[:, :, :b_prefix] = -torch.inf
     best, best_j = scores.max(dim=-1)
     return Matching(a_pos, b_pos, a_prefix, b_prefix, best, best_j)
+
+
+def best_match_scores(attn: nn.Module, x: Tensor, num_prefix: int) -> Tensor:
+    """The best-match similarity of each image token in set a (B, |a| less a's prefix tokens) in an unmerged
+    block: the metric is the keys of attention `attn` on its input `x`, split alternately as in ATM's early
+    blocks. What ATM's thresholds are compared with."""
+    _, metric, _ = attention_with_sizes(attn, x, None)
+    matching = bipartite_match(metric, *alternate_split(x.shape[0], x.shape[1], num_prefix, x.device))
+    return matching.best[:, matching.a_prefix:]
 
 
 def count_above(matching: Matching, theta: float) -> Tensor:
@@ -115,16 +141,14 @@ def merge_closure(matching: Matching, r: int, num_prefix: int) -> Callable[[Tens
     then b-tokens in b order.
     """
     ranked = torch.sort(matching.best, dim=1, descending=True, stable=True).indices
-    src = ranked[:, :r, None]
-    unmerged = torch.sort(ranked[:, r:], dim=1).values[:, matching.a_prefix:, None]  # a's prefix rows rank last
-    dst = matching.best_j.gather(1, ranked[:, :r])[..., None]
+    src = ranked[:, :r]
+    unmerged = torch.sort(ranked[:, r:], dim=1).values[:, matching.a_prefix:]  # a's prefix rows rank last
+    dst = matching.best_j.gather(1, src)
     b_prefix = matching.b_prefix
 
     def merge_sum(t: Tensor) -> Tensor:
-        channels = t.shape[-1]
         a, b = rows(t, matching.a_pos), rows(t, matching.b_pos)
-        b = b.scatter_add(1, dst.expand(-1, -1, channels), a.gather(1, src.expand(-1, -1, channels)))
-        return torch.cat([t[:, :num_prefix], a.gather(1, unmerged.expand(-1, -1, channels)), b[:, b_prefix:]], dim=1)
+        return torch.cat([t[:, :num_prefix], rows(a, unmerged), add_rows(b, dst, a, src)[:, b_prefix:]], dim=1)
 
     return merge_sum
 
@@ -153,5 +177,5 @@ def weighted_reduction(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: T
 def keep_tokens(keep: Tensor) -> Callable[[Tensor], Tensor]:
     """The closure that keeps the tokens at positions `keep` (B, N') of each image, in that order (pruning)."""
     def gather(t: Tensor) -> Tensor:
-        return t.gather(1, keep[..., None].expand(-1, -1, t.shape[-1]))
+        return rows(t, keep)
     return gather

@@ -5,8 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from atm_cli.engine.attention import attention_with_sizes
-from atm_cli.engine.merge import alternate_split, bipartite_match
+from atm_cli.engine import best_match_scores
 
 from .models import LoadedModel, autocast
 
@@ -17,13 +16,10 @@ def best_match_similarities(loaded: LoadedModel, images: Tensor) -> list[np.ndar
     model, prefix = loaded.model, loaded.model.num_prefix_tokens
     found: list[np.ndarray] = []
 
-    def keys(attn, inputs) -> None:
-        x = inputs[0]
-        _, metric, _ = attention_with_sizes(attn, x, None)
-        matching = bipartite_match(metric, *alternate_split(x.shape[0], x.shape[1], prefix, x.device))
-        found.append(matching.best[:, matching.a_prefix:].float().flatten().cpu().numpy())
+    def scores(attn, inputs) -> None:
+        found.append(best_match_scores(attn, inputs[0], prefix).float().flatten().cpu().numpy())
 
-    hooks = [block.attn.register_forward_pre_hook(keys) for block in model.blocks]
+    hooks = [block.attn.register_forward_pre_hook(scores) for block in model.blocks]
     try:
         with torch.inference_mode(), autocast(loaded):
             model(images.to(loaded.device))

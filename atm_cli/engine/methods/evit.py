@@ -70,11 +70,10 @@ def keep_and_fuse(class_attention: "Tensor", keep: int, num_prefix: int, fuse: b
     """
     import torch
 
-    from ..merge import keep_tokens
+    from ..merge import first_positions, keep_tokens
 
-    batch = class_attention.shape[0]
     ranked = torch.sort(class_attention, dim=1, descending=True, stable=True).indices + num_prefix
-    prefix = torch.arange(num_prefix, device=ranked.device).expand(batch, -1)
+    prefix = first_positions(class_attention.shape[0], num_prefix, ranked.device)
     kept = keep_tokens(torch.cat([prefix, torch.sort(ranked[:, :keep], dim=1).values], dim=1))
     if not fuse:
         return kept

@@ -97,17 +97,16 @@ def multi_criteria_scores(tokens: "Tensor", received: "Tensor", size: "Tensor", 
     matched as it would be alone, as in the official code.
     """
     import torch
-    import torch.nn.functional as F
+
+    from ..merge import rows, unit_vectors
 
     def pairs(per_token: "Tensor", tau: float) -> "Tensor":
         per_token = per_token / per_token.amax(dim=1, keepdim=True)
         return (per_token.gather(1, a_pos)[:, :, None] * per_token.gather(1, b_pos)[:, None, :]) ** (1.0 / tau)
 
     if config.tau_sim:
-        unit = F.normalize(tokens.float(), dim=-1)
-        a = unit.gather(1, a_pos[..., None].expand(-1, -1, unit.shape[-1]))
-        b = unit.gather(1, b_pos[..., None].expand(-1, -1, unit.shape[-1]))
-        scores = ((a @ b.transpose(1, 2) + 1.0) / 2.0) ** (1.0 / config.tau_sim)
+        unit = unit_vectors(tokens)
+        scores = ((rows(unit, a_pos) @ rows(unit, b_pos).transpose(1, 2) + 1.0) / 2.0) ** (1.0 / config.tau_sim)
     else:
         scores = torch.ones(a_pos.shape[0], a_pos.shape[1], b_pos.shape[1], device=tokens.device)
     if config.tau_info:
@@ -129,6 +128,8 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
     """
     import torch
 
+    from ..merge import add_rows, first_positions, keep_tokens
+
     to_b, to_a = (r // 2, r - r // 2) if bidirectional else (r, 0)
     best, best_b = scores.max(dim=-1)
     ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
@@ -140,15 +141,13 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
         ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
         src, b_left = ranked[:, :to_a], b_pos.gather(1, ranked[:, to_a:])
         moves.append((b_pos.gather(1, src), a_pos.gather(1, a_left.gather(1, best_a.gather(1, src)))))
-    prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], -1)
-    keep = torch.cat([prefix, a_pos.gather(1, a_left), b_left], dim=1)
+    prefix = first_positions(scores.shape[0], num_prefix, scores.device)
+    keep = keep_tokens(torch.cat([prefix, a_pos.gather(1, a_left), b_left], dim=1))
 
     def merge_sum(t: "Tensor") -> "Tensor":
-        channels = t.shape[-1]
         for src, dst in moves:  # in order: a b-token moves with what it received
-            moved = t.gather(1, src[..., None].expand(-1, -1, channels))
-            t = t.scatter_add(1, dst[..., None].expand(-1, -1, channels), moved)
-        return t.gather(1, keep[..., None].expand(-1, -1, channels))
+            t = add_rows(t, dst, t, src)
+        return keep(t)
 
     return merge_sum
 

@@ -100,11 +100,10 @@ def energy_matching(metric: "Tensor", num_prefix: int, r: int, margin: float, al
     all ranks split and the r a-tokens with the most similar partners merge (bipartite soft matching).
     """
     import torch
-    import torch.nn.functional as F
 
-    from ..merge import NORM_EPS, Matching
+    from ..merge import Matching, unit_vectors
 
-    image = F.normalize(metric[:, num_prefix:].float(), dim=-1, eps=NORM_EPS)
+    image = unit_vectors(metric[:, num_prefix:])
     n_image = image.shape[1]
     similarity = image @ image.transpose(1, 2)
     ranked = torch.sort(energy_score(similarity, margin, alpha), dim=1, descending=True, stable=True).indices
