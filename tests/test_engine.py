@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from atm_cli.engine import ATMConfig, ToMeConfig, Trace, last_trace, merging, patch, threshold_schedule, tome_schedule, unpatch
 from atm_cli.engine.attention import attention_with_sizes
+from atm_cli.engine.backbones.timm_vit import attention_parts
 from atm_cli.engine.merge import (Matching, adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted,
                                   size_distinctive_split)
 
@@ -259,7 +260,8 @@ def test_proportional_attention_equals_attention_over_duplicates(fused):
     sizes = [1, 3, 2, 1]
     duplicated = torch.cat([x[:, i:i + 1].expand(1, s, 8) for i, s in enumerate(sizes)], dim=1)
     with torch.no_grad():
-        out, keys, _ = attention_with_sizes(attn, x, torch.tensor(sizes, dtype=torch.float).reshape(1, 4, 1))
+        sized = torch.tensor(sizes, dtype=torch.float).reshape(1, 4, 1)
+        out, keys, _ = attention_with_sizes(attention_parts(attn), x, sized)
         reference = attn(duplicated)
     first_copy = torch.tensor([0, 1, 4, 6])
     torch.testing.assert_close(out, reference[:, first_copy], atol=1e-6, rtol=0)

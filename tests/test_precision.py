@@ -27,11 +27,11 @@ def hand_built_block() -> BlockInput:
 
 
 class ThreeTokenModel(torch.nn.Module):
-    """What ATM's plan reads from a model: its blocks, prefix tokens and pooling."""
+    """What ATM's plan reads from a model's backbone: its blocks, prefix tokens and what its head reads."""
 
     num_prefix_tokens = 1
-    global_pool = "token"
     blocks = [None, None]
+    head_reads_prefix_only = True
 
 
 def test_a_similarity_bfloat16_rounds_below_the_threshold_is_counted_as_in_float32():

@@ -9,6 +9,7 @@ from timm.layers import Attention
 
 from atm_cli.engine import ZeroTPruneConfig, last_trace, method_config, patch
 from atm_cli.engine.attention import attention_with_sizes
+from atm_cli.engine.backbones.timm_vit import attention_parts
 from atm_cli.engine.methods.zero_tprune import (emphasized_importance, iteration_schedule, weighted_pagerank,
                                                 zero_tprune_keep)
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
@@ -86,8 +87,8 @@ def test_per_head_probabilities_average_to_the_head_mean():
     attn = Attention(dim=32, num_heads=4).eval()
     attn.fused_attn = False
     x = torch.randn(2, 9, 32)
-    _, _, per_head = attention_with_sizes(attn, x, None, with_probabilities=True, per_head=True)
-    _, _, mean = attention_with_sizes(attn, x, None, with_probabilities=True)
+    _, _, per_head = attention_with_sizes(attention_parts(attn), x, None, with_probabilities=True, per_head=True)
+    _, _, mean = attention_with_sizes(attention_parts(attn), x, None, with_probabilities=True)
     assert per_head.shape == (2, 4, 9, 9)
     torch.testing.assert_close(per_head.mean(dim=1), mean)
 

@@ -1,4 +1,5 @@
-"""The merging engine: patch a timm VisionTransformer to merge (or prune) tokens by any registered method.
+"""The merging engine: patch a Vision Transformer (timm, transformers or open_clip; `backbones/`) to merge (or
+prune) tokens by any registered method.
 
 It knows nothing of files, the command line or the search; every front end drives it through
 `patch`/`unpatch` (or `with merging(model, config):`) and `last_trace`. Method configs and the
@@ -11,7 +12,7 @@ from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, 
                       method_config, resolve_split_layer, threshold_schedule, tome_schedule)
 
 _LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching",
-         "best_match_scores": ".merge"}
+         "best_match_scores": ".merge", "backbone_of": ".backbones"}
 
 
 def __getattr__(name: str):

@@ -1,12 +1,13 @@
-"""timm's Attention forward, with proportional attention and the merging metric (the keys)."""
+"""A block's self-attention, with proportional attention and the merging metric (the keys)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Attention
+
+from .backbones.parts import AttentionParts, unless_identity
 
 
-def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None, with_probabilities: bool = False,
+def attention_with_sizes(attn: AttentionParts, x: Tensor, size: Tensor | None, with_probabilities: bool = False,
                          per_head: bool = False,
                          probabilities: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Return the attention output, the keys averaged over heads (B, N, head_dim), and, when asked, the
@@ -20,60 +21,45 @@ def attention_with_sizes(attn: Attention, x: Tensor, size: Tensor | None, with_p
     computed, and there are no keys to return.
     """
     batch, n_tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     metric = returned = None
     if probabilities is not None:
-        (v,) = _heads(attn, x, 2, 1)
+        (v,) = attn.project(x, 2, 1)
         out = unless_identity(attn.attn_drop, probabilities.to(v.dtype)) @ v
     else:
-        q, k, v = _heads(attn, x, 0, 3)
+        q, k, v = attn.project(x, 0, 3)
         q, k = unless_identity(attn.q_norm, q), unless_identity(attn.k_norm, k)
         metric = k.mean(dim=1)
-        if attn.fused_attn and not with_probabilities:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_log_size(size, q.dtype),
-                                                 dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if attn.fused and not with_probabilities:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=log_size_bias(size, q.dtype),
+                                                 dropout_p=_dropping(attn.attn_drop), scale=attn.sdpa_scale)
         else:
             weights = _softmax(attn, q, k, size)
             returned = (weights if per_head else weights.mean(dim=1)) if with_probabilities else None
             out = unless_identity(attn.attn_drop, weights) @ v
 
-    out = unless_identity(attn.norm, out.transpose(1, 2).reshape(batch, n_tokens, -1))
+    out = unless_identity(attn.out_norm, out.transpose(1, 2).reshape(batch, n_tokens, -1))
     if gate is not None:
         out = out * gate
     return unless_identity(attn.proj_drop, attn.proj(out)), metric, returned
 
 
-def head_probabilities(attn: Attention, x: Tensor, size: Tensor | None) -> Tensor:
+def head_probabilities(attn: AttentionParts, x: Tensor, size: Tensor | None) -> Tensor:
     """The attention probabilities of every head (B, H, N, N), with proportional attention; no values."""
-    q, k = _heads(attn, x, 0, 2)
+    q, k = attn.project(x, 0, 2)
     return _softmax(attn, unless_identity(attn.q_norm, q), unless_identity(attn.k_norm, k), size)
 
 
-def unless_identity(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)`, without the call when the module returns x as it is (nn.Identity, dropout that drops
-    nothing): each module call costs Python time in every block, which a host-bound forward feels."""
-    if type(module) is nn.Identity or (isinstance(module, nn.Dropout) and (module.p == 0 or not module.training)):
-        return x
-    return module(x)
-
-
-def _heads(attn: Attention, x: Tensor, first: int, count: int) -> tuple[Tensor, ...]:
-    """`count` of queries, keys, values (in that order, from `first`), (B, H, N, head_dim) each, computing
-    only their rows of the qkv projection."""
-    batch, n_tokens, _ = x.shape
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    if count < 3:
-        rows = slice(first * attn.num_heads * attn.head_dim, (first + count) * attn.num_heads * attn.head_dim)
-        weight, bias = weight[rows], None if bias is None else bias[rows]
-    projected = F.linear(x, weight, bias)
-    return projected.reshape(batch, n_tokens, count, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _log_size(size: Tensor | None, dtype) -> Tensor | None:
+def log_size_bias(size: Tensor | None, dtype) -> Tensor | None:
+    """+ log(size) on each key's logit, as an additive mask (B, 1, 1, N) over (B, H, queries, keys)."""
     return None if size is None else size.log().to(dtype).reshape(size.shape[0], 1, 1, size.shape[1])
 
 
-def _softmax(attn: Attention, q: Tensor, k: Tensor, size: Tensor | None) -> Tensor:
+def _dropping(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) and module.training else 0.0
+
+
+def _softmax(attn: AttentionParts, q: Tensor, k: Tensor, size: Tensor | None) -> Tensor:
     logits = (q * attn.scale) @ k.transpose(-2, -1)
-    bias = _log_size(size, q.dtype)
+    bias = log_size_bias(size, q.dtype)
     return (logits if bias is None else logits + bias).softmax(dim=-1)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .attention import attention_with_sizes
+from .backbones.parts import AttentionParts
 from .methods.base import Reduction
 
 # Keys of zero norm (possible in half precision) normalise to zero instead of NaN, which would sort first.
@@ -107,10 +108,10 @@ def bipartite_match(metric: Tensor, a_pos: Tensor | slice, b_pos: Tensor | slice
     return Matching(a_pos, b_pos, a_prefix, b_prefix, best, best_j)
 
 
-def best_match_scores(attn: nn.Module, x: Tensor, num_prefix: int) -> Tensor:
+def best_match_scores(attn: AttentionParts, x: Tensor, num_prefix: int) -> Tensor:
     """The best-match similarity of each image token in set a (B, |a| less a's prefix tokens) in an unmerged
-    block: the metric is the keys of attention `attn` on its input `x`, split alternately as in ATM's early
-    blocks. What ATM's thresholds are compared with."""
+    block: the metric is the keys of attention `attn` (a block's `backbones.parts.AttentionParts`) on its
+    input `x`, split alternately as in ATM's early blocks. What ATM's thresholds are compared with."""
     _, metric, _ = attention_with_sizes(attn, x, None)
     matching = bipartite_match(metric, *alternate_split(x.shape[0], x.shape[1], num_prefix, x.device))
     return matching.best[:, matching.a_prefix:]

@@ -1,21 +1,23 @@
-"""Patch a timm VisionTransformer in place so that its forward pass reduces tokens by a method, and trace it."""
+"""Patch a Vision Transformer in place so that its forward pass reduces tokens by a method, and trace it.
+
+One merging forward serves every model family: `backbones/` describes the model's blocks and says where
+the forward goes in (timm: `forward_features`; transformers and open_clip: each layer's forward)."""
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 
-from .attention import attention_with_sizes, unless_identity
+from .attention import attention_with_sizes
+from .backbones import backbone_of
+from .backbones.parts import BlockParts, Hook, MergingRun, through
 from .flops import BlockStep, Geometry
 from .methods import BlockInput, Deferred, MethodConfig, Plan, Reduction
-from .pooling import check_pool_supported, pool_with_sizes
 
 _STATE = "_atm_state"
 _GEOMETRY: "weakref.WeakKeyDictionary[nn.Module, Geometry]" = weakref.WeakKeyDictionary()
@@ -39,24 +41,38 @@ class Trace:
 
 
 @dataclass
+class _Pass:
+    """One forward pass in progress: the running merging sizes, source maps and token counts."""
+
+    size: Tensor | None  # None until the first merge: all sizes are 1
+    source: Tensor | None
+    tokens: list[int]
+    steps: list[BlockStep] = field(default_factory=list)
+
+    @classmethod
+    def entering(cls, x: Tensor, trace_source: bool) -> "_Pass":
+        batch, n_tokens, _ = x.shape
+        source = torch.eye(n_tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1) if trace_source else None
+        return cls(None, source, [n_tokens])
+
+    def apply(self, reduction: Reduction | None, x: Tensor) -> Tensor:
+        if reduction is None:
+            return x
+        self.size = reduction.size
+        self.source = None if self.source is None else reduction.combine(self.source)
+        return reduction.x
+
+
+@dataclass
 class _State:
     config: MethodConfig
     plan: Plan
+    blocks: Sequence[BlockParts]
     geometry: Geometry
     trace_source: bool
+    hooks: list[Hook] = field(default_factory=list)
     trace: Trace | None = None
-
-
-def _check_supported(model: nn.Module) -> None:
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{name} is not a timm VisionTransformer: the engine needs its patch_embed, blocks and prefix tokens")
-    for i, block in enumerate(model.blocks):
-        if type(block).forward is not Block.forward:
-            raise ValueError(f"{name}: block {i} is a {type(block).__name__}, not timm's pre-norm Block the engine patches")
-        if type(block.attn).forward is not Attention.forward:
-            raise ValueError(f"{name}: block {i} attention is {type(block.attn).__name__} (e.g. RoPE), not timm's Attention")
-    check_pool_supported(model)
+    running: _Pass | None = None  # between the layers of a model hooked block by block
 
 
 def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) -> nn.Module:
@@ -64,23 +80,28 @@ def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) ->
 
     With `trace_source`, the trace also holds which input tokens each final token stands for.
     """
-    _check_supported(model)
+    backbone = backbone_of(model)
     if not isinstance(config, MethodConfig):
         raise TypeError(f"expected a method config (e.g. ATMConfig, ToMeConfig), got {type(config).__name__}")
+    unpatch(model)
     if model not in _GEOMETRY:  # shapes only; counting the stem runs torch's FLOP counter, so once a model
-        _GEOMETRY[model] = Geometry.of(model)
-    state = _State(config=config, plan=config.plan(model), geometry=_GEOMETRY[model], trace_source=trace_source)
+        _GEOMETRY[model] = Geometry.of(backbone)
+    state = _State(config=config, plan=config.plan(backbone), blocks=backbone.blocks, geometry=_GEOMETRY[model],
+                   trace_source=trace_source)
+    state.hooks = backbone.hooks(MergingRun(blocks=functools.partial(_all_blocks, state),
+                                            block=functools.partial(_one_block, state),
+                                            sizes=functools.partial(_final_sizes, state)))
+    for module, name, replacement in state.hooks:
+        setattr(module, name, replacement)
     setattr(model, _STATE, state)
-    model.forward_features = types.MethodType(_merging_forward_features, model)
-    if model.global_pool in ("avg", "map"):
-        model.pool = types.MethodType(_pool_merged, model)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's own forward (the class methods are found again once the overrides are gone)."""
-    for attr in ("forward_features", "pool", _STATE):
-        model.__dict__.pop(attr, None)
+    state = model.__dict__.pop(_STATE, None)
+    for module, name, _ in [] if state is None else state.hooks:
+        module.__dict__.pop(name, None)
     return model
 
 
@@ -104,45 +125,64 @@ def last_trace(model: nn.Module) -> Trace:
     return state.trace
 
 
-def _merging_forward_features(model: VisionTransformer, images: Tensor, attn_mask: Tensor | None = None,
-                              is_causal: bool = False) -> Tensor:
-    if attn_mask is not None or is_causal:
-        raise ValueError("token merging does not support attention masks: the tokens they address are merged away")
-    state: _State = getattr(model, _STATE)
+def _all_blocks(state: _State, x: Tensor) -> Tensor:
+    running = _Pass.entering(x, state.trace_source)
+    for index, parts in enumerate(state.blocks):
+        x = _block(state, index, parts, x, running)
+    _finish(state, running)
+    return x
+
+
+def _one_block(state: _State, index: int, x: Tensor) -> Tensor:
+    if index == 0:
+        state.running = _Pass.entering(x, state.trace_source)
+    running = state.running
+    if running is None or len(running.tokens) != index + 1 or running.tokens[-1] != x.shape[1]:
+        raise ValueError(f"block {index} of a merging model ran out of order: the blocks must run in turn, from block 0")
+    x = _block(state, index, state.blocks[index], x, running)
+    if index == len(state.blocks) - 1:
+        _finish(state, running)
+        state.running = None
+    return x
+
+
+def _final_sizes(state: _State) -> Tensor | None:
+    return state.trace.size
+
+
+def _block(state: _State, index: int, parts: BlockParts, x: Tensor, running: _Pass) -> Tensor:
     plan, prop_attn = state.plan, getattr(state.config, "prop_attn", False)
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-    batch, n_tokens, _ = x.shape
-    size: Tensor | None = None  # None until the first merge: all sizes are 1
-    source = torch.eye(n_tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1) if state.trace_source else None
-    tokens, steps = [n_tokens], []
-    for index, block in enumerate(model.blocks):
-        before, reduction = index in plan.before_attention, None
-        if before:  # the step merges the block's input, and may hand the attention its probabilities
-            reduction = reduce_in_float32(plan, BlockInput(index, x, size, x, None))
-            x, size, source = _apply(reduction, x, size, source)
-        y, metric, attention = attention_with_sizes(block.attn, block.norm1(x), size if prop_attn else None,
-                                                    with_probabilities=index in plan.attention_blocks,
-                                                    per_head=plan.per_head_attention,
-                                                    probabilities=None if reduction is None else reduction.attention)
-        x = x + unless_identity(block.drop_path1, unless_identity(block.ls1, y))
-        n_in = x.shape[1]
-        if not before:
-            reduction = reduce_in_float32(plan, BlockInput(index, x, size, metric, attention))
-            x, size, source = _apply(reduction, x, size, source)
-        step_macs = 0 if reduction is None else reduction.extra_macs
-        x = x + unless_identity(block.drop_path2, unless_identity(block.ls2, block.mlp(block.norm2(x))))
-        steps.append(BlockStep(n_in, x.shape[1], step_macs))
-        tokens.append(x.shape[1])
+    before, reduction = index in plan.before_attention, None
+    if before:  # the step merges the block's input, and may hand the attention its probabilities
+        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, x, None))
+        x = running.apply(reduction, x)
+    y, metric, attention = attention_with_sizes(parts.attn, parts.norm1(x), running.size if prop_attn else None,
+                                                with_probabilities=index in plan.attention_blocks,
+                                                per_head=plan.per_head_attention,
+                                                probabilities=None if reduction is None else reduction.attention)
+    x = x + through(parts.after_attention, y)
+    n_in = x.shape[1]
+    if not before:
+        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, metric, attention))
+        x = running.apply(reduction, x)
+    step_macs = 0 if reduction is None else reduction.extra_macs
+    x = x + through(parts.after_mlp, parts.mlp(parts.norm2(x)))
+    running.steps.append(BlockStep(n_in, x.shape[1], step_macs))
+    running.tokens.append(x.shape[1])
+    return x
+
+
+def _finish(state: _State, running: _Pass) -> None:
+    tokens = running.tokens
     state.trace = Trace(
         tokens=tokens,
         merged=[a - b for a, b in zip(tokens, tokens[1:])],
-        steps=steps,
+        steps=running.steps,
         geometry=state.geometry,
-        thresholds=plan.thresholds,
-        size=size,
-        source=source,
+        thresholds=state.plan.thresholds,
+        size=running.size,
+        source=running.source,
     )
-    return model.norm(x)
 
 
 def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
@@ -169,14 +209,3 @@ def _decide_on_host(deferred: Deferred) -> int:
     """The step's one host synchronisation, and its decision, outside any compiled graph: a compiled
     model's next graph is specialised on the decision (ATM's r), not on the count it came from."""
     return deferred.decide(int(deferred.total.item()))
-
-
-def _apply(reduction: Reduction | None, x: Tensor, size: Tensor | None,
-           source: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    if reduction is None:
-        return x, size, source
-    return reduction.x, reduction.size, None if source is None else reduction.combine(source)
-
-
-def _pool_merged(model: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
-    return pool_with_sizes(model, x, getattr(model, _STATE).trace.size, pool_type)

@@ -33,6 +33,11 @@ def pool_with_sizes(model: VisionTransformer, x: Tensor, size: Tensor | None, po
         x, size = x[:, model.num_prefix_tokens:], size[:, model.num_prefix_tokens:]
     if model.attn_pool is not None:
         return attention_pool_with_sizes(model.attn_pool, x, size)
+    return sized_mean(x, size)
+
+
+def sized_mean(x: Tensor, size: Tensor) -> Tensor:
+    """The mean of tokens (B, N, C) as if each were repeated `size` (B, N, 1) times."""
     return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)  # float32 sums: no float16 overflow
 
 

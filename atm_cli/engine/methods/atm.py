@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from .base import BlockInput, Deferred, MethodConfig, Param, Plan, Reduction
 
 if TYPE_CHECKING:
-    from torch import nn
+    from ..backbones.parts import Backbone
 
 # A cosine similarity lies in [-1, 1]: a threshold outside it is a mistake, not "merge nothing/everything".
 THRESHOLD = dict(low=-1.0, high=1.0)
@@ -58,16 +58,15 @@ class ATMConfig(MethodConfig):
         """One threshold in every block (beta = 0): the constant-threshold schedule of the paper's Fig. 5."""
         return cls(alpha=threshold, beta=0.0, theta_min=threshold, **kwargs)
 
-    def plan(self, model: "nn.Module") -> Plan:
+    def plan(self, model: "Backbone") -> Plan:
         from ..merge import alternate_slices, batch_r, bipartite_match, count_above, merge_closure
         from ..merge import size_distinctive_split, weighted_reduction
 
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
         thresholds = threshold_schedule(self, depth)
         split_layer = resolve_split_layer(self, depth)
-        # The head reads prefix tokens only (App. A); an `aux_head` (LV-ViT) reads the image tokens too.
-        head_reads_prefix_only = (self.prefix_only_last_block and model.global_pool == "token"
-                                  and not hasattr(model, "aux_head"))
+        # The output reads the prefix tokens only (App. A): the last MLP need not run on the rest.
+        head_reads_prefix_only = self.prefix_only_last_block and model.head_reads_prefix_only
 
         def step(block: BlockInput) -> Reduction | None:
             batch, n_tokens, head_dim = block.metric.shape

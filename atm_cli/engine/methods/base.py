@@ -3,8 +3,8 @@ without loading it).
 
 A method is a frozen dataclass subclassing `MethodConfig`: its `PARAMS` say each parameter's name,
 type, default, valid range and help; `to_params`/`from_params` are its one codec to plain values
-(presets, `--set`, JSON); `plan(model)` builds the per-block reduction step that the patched forward
-pass calls (that is where torch comes in, imported inside `plan`).
+(presets, `--set`, JSON); `plan(backbone)` (the model in `backbones.parts` terms) builds the per-block
+reduction step that the patched forward pass calls (that is where torch comes in, imported inside `plan`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
+
+    from ..backbones.parts import Backbone
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -140,7 +142,7 @@ class MethodConfig:
         """The method's natural knob for a model of `depth` blocks and `image_tokens` patches (None: none)."""
         return None
 
-    def plan(self, model: "nn.Module") -> "Plan":
+    def plan(self, model: "Backbone") -> "Plan":
         raise NotImplementedError
 
 

@@ -40,8 +40,8 @@ class EViTConfig(MethodConfig):
         return Knob("keep_rate", steps, lambda step: cls(keep_rate=round(1.0 - KEEP_RATE_STEP * step, 4)))
 
     def plan(self, model: "nn.Module") -> Plan:
-        if getattr(model, "cls_token", None) is None:
-            raise ValueError(f"EViT ranks tokens by the class token's attention: {type(model).__name__} has no class token")
+        if not model.has_class_token:
+            raise ValueError(f"EViT ranks tokens by the class token's attention: {model.name} has no class token")
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
         paper_blocks = (depth // 4, depth // 2, 3 * depth // 4)  # 3, 6, 9 of 12
         blocks = block_indices("EViT", paper_blocks if self.blocks is None else self.blocks, depth)
