@@ -198,3 +198,24 @@ def test_models_the_engine_cannot_merge_are_refused_by_name():
         patch(clip, ToMeConfig(r=2))
     with pytest.raises(ValueError, match="no class token"):
         patch(build("siglip-tower"), EViTConfig())
+
+
+@torch.no_grad()
+def test_views_patched_for_different_settings_share_the_weights_and_merge_apart(images):
+    """Copies of one model (`copy.copy`: the same layers), each patched for its own setting, as the evaluation
+    layer runs settings beside the unmerged model: each merges by its own setting, the model itself by none."""
+    import copy
+
+    model = build("vit-classifier")
+    reference = output(model(images))
+    fewer, more = patch(copy.copy(model), ToMeConfig(r=2)), patch(copy.copy(model), ToMeConfig(r=8))
+    for _ in range(2):  # interleaved, as timing runs them
+        fewer(images), more(images)
+        assert torch.equal(output(model(images)), reference)
+    assert last_trace(fewer).tokens[-2] == 65 - 3 * 2 and last_trace(more).tokens[-2] == 65 - 3 * 8
+    unpatch(fewer)
+    torch.testing.assert_close(output(fewer(images)), reference, atol=0, rtol=0)
+    more(images)
+    assert last_trace(more).tokens[-2] == 65 - 3 * 8
+    unpatch(more)
+    assert all("forward" not in vars(layer) for layer in model.vit.layers)

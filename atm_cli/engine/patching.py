@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +63,7 @@ class _Pass:
         return reduction.x
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a WeakSet holds the states sharing a module
 class _State:
     config: MethodConfig
     plan: Plan
@@ -73,6 +73,7 @@ class _State:
     hooks: list[Hook] = field(default_factory=list)
     trace: Trace | None = None
     running: _Pass | None = None  # between the layers of a model hooked block by block
+    inside: dict[tuple[int, str], Callable] = field(default_factory=dict)  # its hooks in modules it may share
 
 
 def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) -> nn.Module:
@@ -91,8 +92,14 @@ def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) ->
     state.hooks = backbone.hooks(MergingRun(blocks=functools.partial(_all_blocks, state),
                                             block=functools.partial(_one_block, state),
                                             sizes=functools.partial(_final_sizes, state)))
+    inside = [(module, name, replacement) for module, name, replacement in state.hooks if module is not model]
     for module, name, replacement in state.hooks:
-        setattr(module, name, replacement)
+        if module is model:
+            setattr(model, name, replacement)
+    if inside:  # hooks in modules the model may share with copies of it: they act while this model runs
+        for module, name, replacement in inside:
+            _share(module, name, state, replacement)
+        model.forward = _running_as(state, model.__dict__.get("forward") or model.forward)
     setattr(model, _STATE, state)
     return model
 
@@ -101,8 +108,52 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's own forward (the class methods are found again once the overrides are gone)."""
     state = model.__dict__.pop(_STATE, None)
     for module, name, _ in [] if state is None else state.hooks:
-        module.__dict__.pop(name, None)
+        if module is model:
+            model.__dict__.pop(name, None)
+        else:
+            _unshare(module, name, state)
+            model.__dict__.pop("forward", None)
     return model
+
+
+# The patched models whose forward is running, innermost last: a hook inside a module that several patched
+# views of one model share (`copy.copy(model)`, patched each for its own setting) acts for the one running.
+_RUNNING: list[_State] = []
+# module -> attribute -> the patched models with a hook there (weakly: a view dropped unpatched leaves).
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, dict[str, weakref.WeakSet]]" = weakref.WeakKeyDictionary()
+
+
+def _running_as(state: _State, forward: Callable) -> Callable:
+    def forward_merging(*args, **kwargs):
+        _RUNNING.append(state)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _RUNNING.pop()
+
+    return forward_merging
+
+
+def _share(module: nn.Module, name: str, state: _State, replacement: Callable) -> None:
+    state.inside[(id(module), name)] = replacement
+    sharers = _SHARED.setdefault(module, {}).setdefault(name, weakref.WeakSet())
+    if name not in module.__dict__:
+        own, key = getattr(type(module), name), (id(module), name)
+
+        def dispatch(*args, **kwargs):
+            chosen = _RUNNING[-1].inside.get(key) if _RUNNING else None
+            return own(module, *args, **kwargs) if chosen is None else chosen(*args, **kwargs)
+
+        setattr(module, name, dispatch)
+    sharers.add(state)
+
+
+def _unshare(module: nn.Module, name: str, state: _State) -> None:
+    sharers = _SHARED.get(module, {}).get(name)
+    if sharers is not None:
+        sharers.discard(state)
+        if not sharers:
+            module.__dict__.pop(name, None)
 
 
 @contextlib.contextmanager
