@@ -35,3 +35,9 @@ class Interruptible:
     def __exit__(self, kind, error, traceback) -> bool:
         self.interrupted = kind is KeyboardInterrupt and self.keep_partial
         return self.interrupted  # True swallows the interrupt: the caller reports what it finished
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line of a message: its type and the first line of its text."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -48,7 +48,7 @@ def ramp(peak: int, depth: int) -> list[int]:
 
 def knob_ladder(loaded: LoadedModel, cls: type[MethodConfig]) -> Ladder:
     """A registered method's knob for this model, as a ladder."""
-    knob = cls.knob(len(loaded.model.blocks), loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens)
+    knob = cls.knob(loaded.depth, loaded.image_tokens)
     return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
                   knob.top)
 
@@ -57,8 +57,8 @@ def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
     """The ladders for this model's depth and token count, by method name: every registered method's
     knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules, the constant
     threshold on ATM's threshold grid (`space`)."""
-    depth = len(loaded.model.blocks)
-    image_tokens = loaded.unmerged_tokens[0] - loaded.model.num_prefix_tokens
+    depth = loaded.depth
+    image_tokens = loaded.image_tokens
     half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
     grid = space.threshold_grid()
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..engine import ATMConfig, MethodConfig, ToMeConfig, last_trace, merging
 from ..errors import UsageError
 from ..evaluation import LoadedModel, Workload
+from ..evaluation.models import require_timm
 from .compare import least_merging_within
 from .plotting import pyplot, save_figure
 from .stress import knob_ladder
@@ -169,6 +170,7 @@ def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MethodCo
     """
     if not paths:
         raise UsageError("visualize needs at least one image")
+    require_timm(loaded, "visualize (the patch grid of timm's patch_embed)")
     model, data_config = loaded.model, loaded.data_config
     pictures = load_pictures(paths, data_config)
     methods = [matching_tome(loaded, pictures, method), method] if beside_tome else [method]

@@ -32,8 +32,7 @@ class RangeFlags:
             base = SearchSpace(split_layer=self.split_layer, search_split_layer=self.search_split_layer)
         else:
             images = source.batches[0][0]
-            model = source.loaded.model
-            mergeable = (source.loaded.unmerged_tokens[0] - model.num_prefix_tokens) // 2
+            mergeable = source.loaded.image_tokens // 2
             base = measured_space(best_match_similarities(source.loaded, images), len(images), mergeable,
                                   source.depth, self.split_layer, self.search_split_layer)
         space = base.overridden(self.alpha, self.beta, self.theta_min, self.step)

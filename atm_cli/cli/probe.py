@@ -43,12 +43,14 @@ def command(
     """
     from atm_cli.analysis.probe import plot_probe, probe
     from atm_cli.evaluation import DEMO_CALIB_DATA
+    from atm_cli.evaluation.models import require_timm
 
     values = options.floats_list(thresholds, "--thresholds")
     options.check_plot(plot)
     console = Console(stderr=True)
     workload = options.prepare(console, model, checkpoint, not no_pretrained, data, DEMO_CALIB_DATA, batch_size, limit,
                                seed, device, unsafe_checkpoint=unsafe_checkpoint)
+    require_timm(workload.loaded, "probe (timm's pre-logits)")
     with options.progress_bar(console, "probing (block x threshold)") as progress:
         report = probe(workload.loaded.model, workload.batches, values, progress=progress)
     options.finish(console, probe_table(report, workload.loaded.name), report.to_dict(), json_output, plot,

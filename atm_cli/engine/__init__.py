@@ -12,7 +12,7 @@ from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, 
                       method_config, resolve_split_layer, threshold_schedule, tome_schedule)
 
 _LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching",
-         "best_match_scores": ".merge", "backbone_of": ".backbones"}
+         "best_match_scores": ".merge", "backbone_of": ".backbones", "Wrapper": ".backbones"}
 
 
 def __getattr__(name: str):

@@ -223,8 +223,16 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
     if not folder.samples:
         raise UsageError(f"data folder {root} has no images in its class folders (expected {root}/<class>/<image>)")
 
-    mapping = (_read_class_map(Path(class_map), folder.classes, loaded.num_classes) if class_map is not None
-               else _infer_class_mapping(root, folder.classes, loaded))
+    if hasattr(loaded.model, "set_classes"):  # a zero-shot classifier: its classes are the folder's
+        if class_map is not None:
+            raise UsageError(f"{loaded.name} classifies zero-shot into the class folders' names: --class-map "
+                             "does not apply")
+        loaded.model.set_classes(folder.classes)
+        loaded.num_classes = len(folder.classes)
+        mapping = {name: i for i, name in enumerate(folder.classes)}
+    else:
+        mapping = (_read_class_map(Path(class_map), folder.classes, loaded.num_classes) if class_map is not None
+                   else _infer_class_mapping(root, folder.classes, loaded))
     model_index = [mapping[name] for name in folder.classes]
     folder.target_transform = model_index.__getitem__
     folder.targets = [model_index[t] for t in folder.targets]
@@ -304,10 +312,9 @@ def _infer_class_mapping(root: Path, folders: list[str], loaded: LoadedModel) ->
     folder name cannot shift every label after it.
     """
     vocabularies = []
-    label_names = loaded.model.pretrained_cfg.get("label_names")
-    if label_names:
-        vocabularies.append(("label names", list(label_names)))
-    subset = infer_imagenet_subset(loaded.model)
+    if loaded.label_names:
+        vocabularies.append(("label names", list(loaded.label_names)))
+    subset = infer_imagenet_subset(loaded.model) if hasattr(loaded.model, "pretrained_cfg") else None
     if subset:
         vocabularies.append((f"{subset} WordNet ids", ImageNetInfo(subset).label_names()))
     for description, names in vocabularies:

@@ -44,7 +44,7 @@ from atm_cli.engine import MethodConfig
 from atm_cli.engine.compiled import compile_patched
 from atm_cli.files import write_atomically
 
-from .models import LoadedModel, autocast, synchronize
+from .models import LoadedModel, autocast, require_timm, synchronize
 from .outcomes import Outcomes
 from .workload import patched_view
 
@@ -333,6 +333,7 @@ def device_latency(loaded: LoadedModel, images: Tensor, fits: dict[str, Sequence
     """The latency model for `loaded` at the batch size of `images`: read from the cache, or measured; the
     step cost of each method in `fits` (name -> settings to fit on) that it lacks is fitted on `images`.
     Saved back whenever something was measured."""
+    require_timm(loaded, "the latency model (a block's halves timed apart)")
     key, folder = LatencyKey.of(loaded, len(images)), cache_dir(folder)
     latency = read_cached(key, folder)
     measured = latency is None

@@ -19,9 +19,11 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
-from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
-from atm_cli.errors import RunError, UsageError
+from atm_cli.engine import ToMeConfig, backbone_of, last_trace, patch, unpatch
+from atm_cli.errors import RunError, UsageError, first_line
 from atm_cli.model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME, complete_model_name
+
+from .other_libraries import is_other_library, load_other_library
 
 MODEL_SOURCES = ("hf-hub:", "local-dir:")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +50,16 @@ class LoadedModel:
     # The unmerged model's cost, counted once by the engine (ToMe with r=0 is the exact unmerged forward).
     unmerged_gflops: float = 0.0
     unmerged_tokens: tuple[int, ...] = ()  # tokens entering each block (all equal)
+    num_prefix_tokens: int = 0  # class, distillation and register tokens, which no method merges
+    label_names: tuple[str, ...] = ()  # the model's own names of its classes, where it has them
+
+    @property
+    def depth(self) -> int:
+        return len(self.unmerged_tokens)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.unmerged_tokens[0] - self.num_prefix_tokens
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,14 +108,15 @@ def autocast(loaded: LoadedModel):
 
 
 def resolve_model_name(name: str, note: Callable[[str], None] | None = None) -> str:
-    """The timm name for `name`: the demo alias, a folder saved in timm's format, or a timm/hub name.
+    """The timm name for `name`: the demo alias, a folder saved in timm's format, or a timm/hub name (a name
+    for another library, `hf:...` or `open_clip:...`, as it is).
 
     A name as timm users type it is completed (`deit_small` -> `deit_small_patch16_224`, see
     `atm_cli.model_names`), and the completion told to `note`.
     """
     if name == DEMO_MODEL_ALIAS:
         return DEMO_MODEL_NAME
-    if name.startswith(MODEL_SOURCES):
+    if name.startswith(MODEL_SOURCES) or is_other_library(name):
         return name
     path = Path(name)
     if path.is_dir():
@@ -178,7 +191,7 @@ def _read_checkpoint(path: Path, unsafe: bool) -> dict:
             raise UsageError(f"checkpoint {path} pickles more than weights{kept}; unpickling it runs code from "
                              "the file: --unsafe-checkpoint loads it, if you trust the file") from None
         # torch's own message about any other file would suggest weights_only=False, which cannot help.
-        why = f": {_first_line(error)}" if torch_file or path.suffix == ".safetensors" else ""
+        why = f": {first_line(error)}" if torch_file or path.suffix == ".safetensors" else ""
         raise UsageError(f"{path} is not a checkpoint (a .safetensors file or a state dict saved by torch.save)"
                          f"{why}") from None
     if not all(isinstance(value, torch.Tensor) for value in state.values()):
@@ -229,33 +242,38 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = None, pretrained: bool = True,
                device: str = "auto", precision: str = "fp32", unsafe_checkpoint: bool = False,
                compile: str = "off") -> LoadedModel:
-    """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`.
+    """Create `name` with timm, load its weights (hub, bundled file or `checkpoint`), move it to `device`;
+    `hf:FOLDER`/`hf:HUB_ID` and `open_clip:ARCH[:TAG]` load from those libraries (`other_libraries`).
 
     `precision` is the autocast dtype its forward passes will run in (the engine's own scores and
     merges stay float32 whatever it is). `unsafe_checkpoint` allows a checkpoint that pickles more
     than weights: unpickling it runs code from the file. `compile` (auto, on, off): whether its forward
     passes run through torch.compile (`resolve_compile`).
     """
-    timm_name = resolve_model_name(name)
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
     compiled = resolve_compile(compile, target)
-    state = None
     if checkpoint is not None:
         if not pretrained:
             raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise UsageError(f"checkpoint {checkpoint} does not exist")
-        state = _read_checkpoint(checkpoint, unsafe_checkpoint)
+    if is_other_library(name):
+        other = load_other_library(name, checkpoint, pretrained)
+        weights = checkpoint or other.weights
+        loaded = LoadedModel(model=other.model.to(target), name=other.name, tag=None, num_classes=other.num_classes,
+                             data_config=other.data_config,
+                             checkpoint_sha256=_sha256(weights) if weights is not None else None, device=target,
+                             precision=precision, compiled=compiled, compile_data_dependent=compile == "on",
+                             label_names=other.label_names)
+        _count_unmerged_cost(loaded)
+        return loaded
+    timm_name = resolve_model_name(name)
+    state = None if checkpoint is None else _read_checkpoint(checkpoint, unsafe_checkpoint)
     fetch = pretrained and checkpoint is None  # a local checkpoint replaces pretrained weights
     if fetch:
         _check_bundled_weights(timm_name)
@@ -265,9 +283,9 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
         model = timm.create_model(timm_name, pretrained=fetch)
     except Exception as error:  # timm, safetensors, torch and the hub raise many kinds; all mean "cannot load"
         if fetch:
-            raise RunError(f"could not load pretrained weights for {timm_name}: {_first_line(error)} "
+            raise RunError(f"could not load pretrained weights for {timm_name}: {first_line(error)} "
                            "(offline? use --checkpoint FILE or --no-pretrained)") from None
-        raise RunError(f"could not create {timm_name}: {_first_line(error)}") from None
+        raise RunError(f"could not create {timm_name}: {first_line(error)}") from None
     if state is not None:
         _load_fitting(model, state, checkpoint, timm_name)
     model.eval().to(target)
@@ -285,6 +303,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
         name=cfg.get("architecture") or timm_name,
         tag=(cfg.get("tag") or None) if pretrained and checkpoint is None else None,
         num_classes=model.num_classes,
+        label_names=tuple(cfg.get("label_names") or ()),
         data_config=resolve_model_data_config(model),
         checkpoint_sha256=checkpoint_sha256,
         device=target,
@@ -296,10 +315,17 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
     return loaded
 
 
+def require_timm(loaded: LoadedModel, needs: str) -> None:
+    """UsageError unless `loaded` is a timm model: `needs` says what reads timm's own methods."""
+    if is_other_library(loaded.name):
+        raise UsageError(f"{needs} needs a timm model; {loaded.name} is from another library")
+
+
 def _count_unmerged_cost(loaded: LoadedModel) -> None:
     """Check that the engine can patch the model, and count its unmerged GFLOPs on one image."""
     model = loaded.model
     try:
+        loaded.num_prefix_tokens = backbone_of(model).num_prefix_tokens
         patch(model, ToMeConfig(r=0))  # the exact unmerged forward, traced
     except ValueError as error:
         raise UsageError(f"{loaded.name} cannot be merged: {error}") from None

@@ -43,11 +43,12 @@ class Workload:
         self._method: MethodConfig | None = None
         self._view: nn.Module | None = None
         self._runners: dict[MethodConfig | None, CompiledModel] = {}
+        self._dropped_compile_seconds = 0.0  # of the runners of settings no longer current
         self._baseline: Outcomes | None = None
 
     @property
     def depth(self) -> int:
-        return len(self.loaded.model.blocks)
+        return self.loaded.depth
 
     @property
     def n_batches(self) -> int:
@@ -60,7 +61,7 @@ class Workload:
     @property
     def compile_seconds(self) -> float:
         """Time spent compiling, over every setting run so far (0 when the model is not compiled)."""
-        return sum(runner.compile_seconds for runner in self._runners.values())
+        return self._dropped_compile_seconds + sum(runner.compile_seconds for runner in self._runners.values())
 
     def model(self, method: MethodConfig | None) -> nn.Module:
         """The model that runs `method` (None: the unmerged one), patched only when the setting changes."""
@@ -68,6 +69,8 @@ class Workload:
             return self.loaded.model
         if method != self._method:
             self._view, self._method = patched_view(self.loaded, method), method
+            self._dropped_compile_seconds += sum(runner.compile_seconds for key, runner in self._runners.items()
+                                                 if key is not None)
             self._runners = {key: runner for key, runner in self._runners.items() if key is None}
         return self._view
 

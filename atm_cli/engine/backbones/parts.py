@@ -86,6 +86,13 @@ class Backbone:
     token_head_macs: int = 0  # per image token left after the blocks, of what reads each (an aux head, MAP keys)
 
 
+class Wrapper(nn.Module):
+    """A module around the model the engine merges (`inner`): e.g. logits from a transformers classifier's
+    output, or a zero-shot classifier around a CLIP tower. Patching the wrapper merges `inner`'s tokens."""
+
+    inner: nn.Module
+
+
 @dataclass(frozen=True)
 class MergingRun:
     """What the engine hands an adapter's hooks: the merging forward, whole or block by block, and the
