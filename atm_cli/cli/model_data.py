@@ -27,9 +27,10 @@ from . import checks
 if TYPE_CHECKING:
     from atm_cli.evaluation import LoadedModel, Workload
 
-MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME",
-                     help="A timm model name (deit_small for deit_small_patch16_224). Default: the embedded "
-                          "CIFAR-10 ViT.")
+MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
+                     help="A timm model name (deit_small for deit_small_patch16_224; hf-hub: names too) or a "
+                          "folder in timm's format (config.json + weights); hf:FOLDER|HUB_ID for a transformers "
+                          "model, open_clip:ARCH[:TAG] for an open_clip one. Default: the embedded CIFAR-10 ViT.")
 CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model, loaded by timm.")
 UNSAFE_CHECKPOINT = typer.Option(False, "--unsafe-checkpoint",
                                  help="Load a --checkpoint that pickles more than weights (e.g. training arguments). "
