@@ -1,6 +1,7 @@
 """The method registry: one codec per method, validation at the boundary, and the CLI that reads it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -25,6 +26,17 @@ def test_every_method_round_trips_through_a_preset_file(name, tmp_path):
     preset = build_preset(config, ModelInfo(name="deit_small_patch16_224"), 64, Measured(gflops=3.0))
     loaded = load_preset(save_preset(preset, tmp_path / f"{name}.yaml"))
     assert loaded.method_name == name and loaded.method == config
+
+
+def test_the_codec_carries_every_field_of_a_setting(tmp_path):
+    """No field outside the codec: a probe's one-block thresholds and the last-block shortcut survive a preset."""
+    config = ATMConfig(alpha=1.0, beta=0.0, theta_min=1.0, block_thresholds=[1.0, 0.9] + [1.0] * 10,
+                       prefix_only_last_block=False)
+    assert method_config("atm", json.loads(json.dumps(config.to_params()))) == config
+    preset = build_preset(config, ModelInfo(name="deit_small_patch16_224"), 64, Measured(gflops=3.0))
+    assert load_preset(save_preset(preset, tmp_path / "probe.yaml")).method == config
+    for cls in METHODS.values():
+        assert {f.name for f in dataclasses.fields(cls)} == {p.name for p in cls.PARAMS}, cls.NAME
 
 
 @pytest.mark.parametrize("name, params, message", [

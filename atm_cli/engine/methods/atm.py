@@ -35,6 +35,10 @@ class ATMConfig(MethodConfig):
         Param("prop_attn", bool, "proportional attention (log-size term)"),
         Param("r_multiple", int, "r rounded down to a multiple of this (1: the paper's r; larger: fewer token-count "
               "shapes, which a compiled model compiles once each)", low=1),
+        Param("block_thresholds", "floats", "one threshold per block, replacing Eq. (1) (analyses such as merging "
+              "in one block only, Fig. 2)", optional=True, **THRESHOLD),
+        Param("prefix_only_last_block", bool, "the last MLP on the prefix tokens alone when the head reads only "
+              "them (exact; false merges there as usual)"),
     )
 
     alpha: float
@@ -43,15 +47,8 @@ class ATMConfig(MethodConfig):
     split_layer: int | None = None
     prop_attn: bool = True
     r_multiple: int = 1
-    # Per-block thresholds replacing Eq. (1), for analyses such as merging in one block only (Fig. 2).
     block_thresholds: tuple[float, ...] | None = None
-    # The contract's last-block shortcut for heads that read prefix tokens only; off merges there as usual.
     prefix_only_last_block: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.block_thresholds is not None:
-            object.__setattr__(self, "block_thresholds", tuple(float(t) for t in self.block_thresholds))
 
     @classmethod
     def constant(cls, threshold: float, **kwargs) -> "ATMConfig":

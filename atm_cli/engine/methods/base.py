@@ -24,7 +24,8 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a method: `kind` is float, int, bool or 'ints' (an int, or one int per block)."""
+    """One parameter of a method: `kind` is float, int, bool, 'ints' (an int, or one int per block) or 'floats'
+    (one number per block)."""
 
     name: str
     kind: Any
@@ -46,12 +47,16 @@ class Param:
             if not isinstance(value, bool):
                 raise ValueError(f"{self.name} must be true or false, got {value!r}")
             return value
-        if self.kind == "ints":
+        if self.kind in ("ints", "floats"):
             values = [value] if not isinstance(value, (list, tuple)) else list(value)
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                raise ValueError(f"{self.name} must be an integer or a list of integers, got {value!r}")
+            numbers = (int,) if self.kind == "ints" else (int, float)
+            if not values or not all(isinstance(v, numbers) and not isinstance(v, bool) for v in values):
+                expected = "an integer or a list of integers" if self.kind == "ints" else "a list of numbers"
+                raise ValueError(f"{self.name} must be {expected}, got {value!r}")
             for v in values:
                 self._check_range(v)
+            if self.kind == "floats":
+                return tuple(float(v) for v in values)
             return values[0] if not isinstance(value, (list, tuple)) else tuple(values)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
             raise ValueError(f"{self.name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
@@ -66,9 +71,9 @@ class Param:
                 if text.lower() in _TRUE + _FALSE:
                     return text.lower() in _TRUE
                 raise ValueError
-            if self.kind == "ints":
-                values = tuple(int(part) for part in text.split(","))
-                return values[0] if len(values) == 1 else values
+            if self.kind in ("ints", "floats"):
+                values = tuple((int if self.kind == "ints" else float)(part) for part in text.split(","))
+                return values[0] if len(values) == 1 and self.kind == "ints" else values
             return self.kind(text)
         except ValueError:
             raise ValueError(f"{self.name}: cannot read {text!r} as {self.describe_kind()}") from None
@@ -80,7 +85,8 @@ class Param:
             raise ValueError(f"{self.name} must lie in {self.describe_range()}, got {value!r}")
 
     def describe_kind(self) -> str:
-        return {float: "a number", int: "an integer", bool: "true or false"}.get(self.kind, "an integer or a comma list")
+        return {float: "a number", int: "an integer", bool: "true or false",
+                "floats": "a comma list of numbers"}.get(self.kind, "an integer or a comma list")
 
     def describe_range(self) -> str:
         low = "-inf" if self.low is None else f"{self.low:g}"
