@@ -4,39 +4,14 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from timm.models import save_for_hf
 
+from helpers import CALIBRATE_VIT_ARGS, save_tiny_vit, write_flat_images, write_image_folder
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-# A ViT small enough to run in milliseconds: 32x32 images, 4x4 = 16 patches, 2 blocks.
-TINY_VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
-
-
-def make_tiny_vit(num_classes: int, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_VIT_ARGS).eval()
-
-
-def save_tiny_vit(folder: Path, num_classes: int, seed: int = 0) -> Path:
-    """A model folder in timm's own format (config.json + model.safetensors), loadable as `--model FOLDER`."""
-    save_for_hf(make_tiny_vit(num_classes, seed), str(folder), model_args={**TINY_VIT_ARGS, "num_classes": num_classes},
-                safe_serialization=True)
-    return folder
-
-
-def write_image_folder(root: Path, counts: dict[str, int], size: tuple[int, int] = (40, 36), seed: int = 0) -> Path:
-    """root/<class>/<i>.jpg with random pixels; `counts` gives each class's number of images."""
-    rng = np.random.default_rng(seed)
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.jpg", quality=90)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +24,17 @@ def tiny_vit_dir(tmp_path_factory) -> Path:
 def tiny_imagenet_vit_dir(tmp_path_factory) -> Path:
     """A tiny ViT with ImageNet-1k's 1,000 outputs (timm then knows its classes' WordNet ids)."""
     return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit-in1k"), num_classes=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """test_calibrate's model and images (see CALIBRATE_VIT_ARGS); test_evaluation's own `tiny` is another."""
+    root = tmp_path_factory.mktemp("calibrate")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **CALIBRATE_VIT_ARGS).eval()
+    save_for_hf(model, str(root / "model"), model_args=CALIBRATE_VIT_ARGS, safe_serialization=True)
+    return {"model": root / "model", "data": write_flat_images(root / "tune", 12, seed=1),
+            "eval": write_flat_images(root / "held-out", 8, seed=2)}
 
 
 @pytest.fixture

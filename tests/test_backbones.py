@@ -16,7 +16,7 @@ from atm_cli.evaluation import load_model
 from atm_cli.presets import list_presets
 from atm_cli.models import lvvit, t2t_vit  # noqa: F401  (registers the models with timm)
 
-from test_engine import EAGER_ATM, NO_MERGE_ATM, assert_no_op
+from helpers import EAGER_ATM, NO_MERGE_ATM, assert_no_op
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "atm-paper.txt"
 TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)

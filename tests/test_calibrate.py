@@ -12,10 +12,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import timm
 import torch
-from PIL import Image
-from timm.models import save_for_hf
 from typer.testing import CliRunner
 
 from atm_cli.calibration import (BudgetGoal, NoDropGoal, RangeFlags, Search, SearchSpace, calibrate,
@@ -33,6 +30,8 @@ from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
 from atm_cli.presets import load_preset
+
+from helpers import calibrate_args
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -262,41 +261,6 @@ def test_bad_ranges_budgets_and_storages_are_refused(tmp_path):
     for bad in ("nosuchdialect://x", f"sqlite:///{tmp_path}/missing/dir/x.db", str(tmp_path / "missing" / "j.log")):
         with pytest.raises(UsageError, match="cannot open the study storage"):
             open_storage(bad)
-
-
-# A ViT small enough for seconds, with 64 patches so that merging has room, and images with flat
-# regions (many patches alike, as sky or background), so that merging happens at ATM's thresholds.
-TINY_ARGS = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=3)
-WIDE_RANGES = ["--alpha-range", "0.5,1.0", "--beta-range", "0.0,0.2", "--theta-min-range", "0.3,1.0", "--step", "0.01"]
-
-
-def write_flat_images(root: Path, per_class: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for name in "abc":
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.zeros((32, 32, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
-            for _ in range(rng.integers(1, 5)):
-                y, x = rng.integers(0, 28, 2)
-                h, w = rng.integers(4, 16, 2)
-                pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("calibrate")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_ARGS).eval()
-    save_for_hf(model, str(root / "model"), model_args=TINY_ARGS, safe_serialization=True)
-    return {"model": root / "model", "data": write_flat_images(root / "tune", 12, seed=1),
-            "eval": write_flat_images(root / "held-out", 8, seed=2)}
-
-
-def calibrate_args(tiny, *extra: str) -> list[str]:
-    return ["calibrate", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--batch-size", "8",
-            *WIDE_RANGES, *extra]
 
 
 def test_calibrate_cli_writes_a_preset_that_eval_reproduces(tiny, tmp_path):

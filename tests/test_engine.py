@@ -7,41 +7,14 @@ import pytest
 import timm
 import torch
 from timm.layers import Attention
-from torch.utils.flop_counter import FlopCounterMode
 
-from atm_cli.engine import ATMConfig, ToMeConfig, Trace, last_trace, merging, patch, threshold_schedule, tome_schedule, unpatch
+from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch, threshold_schedule, tome_schedule, unpatch
 from atm_cli.engine.attention import attention_with_sizes
 from atm_cli.engine.backbones.timm_vit import attention_parts
 from atm_cli.engine.merge import (Matching, adaptive_r, alternate_split, bipartite_match, merge_closure, merge_weighted,
                                   size_distinctive_split)
 
-NO_MERGE_ATM = ATMConfig(alpha=1.0, beta=0.0, theta_min=1.0)  # no cosine similarity exceeds 1: nothing merges
-EAGER_ATM = ATMConfig(alpha=0.5, beta=0.0, theta_min=0.5)  # low thresholds: random-weight models merge too
-
-# (timm name, constructor overrides): every family the engine must handle, all with random weights.
-FAMILIES = {
-    "deit_tiny": ("deit_tiny_patch16_224", {}),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
-    "deit3_layerscale": ("deit3_small_patch16_224", {}),
-    "registers": ("deit_tiny_patch16_224", {"reg_tokens": 4}),
-    "qk_norm": ("deit_tiny_patch16_224", {"qk_norm": True}),
-    "avg_pool_mae_style": ("deit_tiny_patch16_224", {"global_pool": "avg"}),
-}
-
-
-def build(family: str) -> torch.nn.Module:
-    name, overrides = FAMILIES[family]
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **overrides).eval()
-
-
-def assert_no_op(model: torch.nn.Module, images: torch.Tensor, *configs) -> torch.Tensor:
-    """Each config (one that reduces nothing) gives the unpatched model's logits within 1e-5; returns those."""
-    reference = model(images)
-    for config in configs:
-        patch(model, config)
-        torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
-    return reference
+from helpers import EAGER_ATM, FAMILIES, NO_MERGE_ATM, assert_no_op, build, engine_and_counter_gflops
 
 
 @pytest.fixture(scope="module")
@@ -152,30 +125,6 @@ def test_unmerged_gflops_match_the_papers_baselines(name, gflops):
     patch(model, ToMeConfig(r=0))
     model(torch.randn(1, 3, 224, 224))
     assert last_trace(model).gflops == pytest.approx(gflops, abs=0.002)
-
-
-@torch.no_grad()
-def engine_and_counter_gflops(config, images) -> tuple[Trace, float]:
-    """DeiT-S reducing by `config`: the engine's trace, and GFLOPs per image as torch's FLOP counter sees them."""
-    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    for block in model.blocks:  # the counter sees the two attention products only when they are unfused
-        block.attn.fused_attn = False
-    with merging(model, config), FlopCounterMode(display=False) as counter:
-        model(images)
-        trace = last_trace(model)
-    return trace, counter.get_total_flops() / 2 / images.shape[0] / 1e9  # the counter counts 2 FLOPs per MAC
-
-
-@torch.no_grad()
-def tokens_left_along(knob, steps, images) -> list[int]:
-    """Tokens leaving the last block of a random DeiT-T at each of a method's knob `steps`."""
-    model = build("deit_tiny")
-    left = []
-    for step in steps:
-        with merging(model, knob.config(step)):
-            model(images)
-            left.append(last_trace(model).tokens[-1])
-    return left
 
 
 @pytest.mark.parametrize("config", [ToMeConfig(r=13), ATMConfig(alpha=0.9, beta=0.05, theta_min=0.6)])

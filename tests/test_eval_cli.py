@@ -23,9 +23,7 @@ from atm_cli.models import DEMO_MODEL_NAME, DEMO_WEIGHTS
 from atm_cli.paper import PAPER_DEIT_S
 from atm_cli.presets import default_preset_for
 
-from conftest import make_tiny_vit, write_image_folder
-from test_evaluation import direct_tensors
-from test_pictures import non_blank
+from helpers import direct_tensors, make_tiny_vit, non_blank, write_image_folder
 
 REQUIRED_KEYS = {"model", "method", "params", "n_images", "batch_size", "top1", "top5", "gflops", "baseline_top1",
                  "baseline_gflops", "images_per_sec", "baseline_images_per_sec", "agreement", "tokens_per_layer",

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from timm.data import create_transform, resolve_model_data_config
 
 from atm_cli.engine import ToMeConfig, last_trace, patch
 from atm_cli.errors import RunError, UsageError
@@ -21,20 +19,7 @@ from atm_cli.models import DEMO_MODEL_NAME
 
 from timm.models import save_for_hf
 
-from conftest import TINY_VIT_ARGS, make_tiny_vit, write_image_folder
-from test_engine import EAGER_ATM
-
-
-
-def direct_tensors(root: Path, model: torch.nn.Module, classes: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image under root, class folders and files in sorted order, through timm's eval transform."""
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    images, labels = [], []
-    for name in sorted(classes):
-        for path in sorted((root / name).iterdir()):
-            images.append(transform(Image.open(path).convert("RGB")))
-            labels.append(classes[name])
-    return torch.stack(images), torch.tensor(labels)
+from helpers import EAGER_ATM, TINY_VIT_ARGS, direct_tensors, make_tiny_vit, write_image_folder
 
 
 def tiny_unmerged_gflops(tokens: int = 17, dim: int = 32, hidden: int = 128, patches: int = 16, patch: int = 8,

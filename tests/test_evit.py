@@ -9,9 +9,7 @@ from atm_cli.engine import EViTConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.evit import keep_and_fuse
 from atm_cli.presets import load_preset, save_preset
 
-from conftest import make_tiny_vit
-from test_engine import assert_no_op, build, engine_and_counter_gflops, tokens_left_along
-from test_presets import a_preset
+from helpers import a_preset, assert_no_op, build, engine_and_counter_gflops, make_tiny_vit, tokens_left_along
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from atm_cli.errors import UsageError
 from atm_cli.evaluation.data import load_rgb
 from atm_cli.presets import bundled_presets_dir, load_preset
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -22,8 +22,8 @@ from atm_cli.evaluation.latency import (LatencyKey, LatencyModel, MeasuredSpeed,
                                         write_cached)
 from atm_cli.cli.app import app
 from atm_cli.presets import Measured, Provenance, load_preset, preset_from_dict
-from conftest import save_tiny_vit
-from test_calibrate import calibrate_args, tiny  # noqa: F401 (a fixture)
+
+from helpers import calibrate_args, hand_built_latency, save_tiny_vit
 
 runner = CliRunner()
 
@@ -195,14 +195,6 @@ def test_settings_are_timed_beside_the_unmerged_model_with_their_tokens(tiny_loa
     (speed,) = measure_speedups(tiny_loaded, images, [ToMeConfig(r=2)], repeats=3)
     assert speed.repeats == 3 and speed.speedup_low <= speed.speedup <= speed.speedup_high
     assert speed.tokens[0] == tiny_loaded.unmerged_tokens[0] and speed.tokens[-1] < speed.tokens[0]
-
-
-def hand_built_latency(loaded: LoadedModel, images, fits, folder=None, progress=None) -> LatencyModel:
-    """In place of timing: linear tables over the model's own token counts, and no step cost."""
-    grid = token_grid(2, loaded.unmerged_tokens[0])
-    return LatencyModel(LatencyKey.of(loaded, len(images)), 0.01, 0.005,
-                        TokenTable(grid, tuple(1e-3 * n for n in grid)), TokenTable(grid, tuple(2e-3 * n for n in grid)),
-                        steps={name: StepCost(0.0, 0.0) for name in fits})
 
 
 def timed_at(speedup: float):

@@ -8,8 +8,7 @@ from atm_cli.engine import MCTFConfig, last_trace, method_config, patch
 from atm_cli.engine.methods.mctf import bidirectional_merge, fused_attention, multi_criteria_scores
 from atm_cli.presets import load_preset, save_preset
 
-from test_engine import assert_no_op, build, engine_and_counter_gflops, tokens_left_along
-from test_presets import a_preset
+from helpers import a_preset, assert_no_op, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from atm_cli.cli.app import app
-from conftest import write_image_folder
+
+from helpers import write_image_folder
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")

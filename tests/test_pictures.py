@@ -15,6 +15,8 @@ from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch, threshold_schedule, unpatch
 from atm_cli.evaluation import DEMO_CALIB_DATA, DEMO_EVAL_DATA, load_image_folder, preload
 
+from helpers import non_blank
+
 ATM = ATMConfig(alpha=0.985, beta=0.045, theta_min=0.88)
 IMAGES = sorted(DEMO_EVAL_DATA.glob("*/*.jpg"))[::500][:3]  # three classes
 
@@ -124,11 +126,6 @@ def test_tokens_chart_by_hand():
     assert lines[1].startswith("block  2 ████     ")
     assert lines[2].startswith("block  3 ██▏      ")  # 17/64 of 8 cells = 2.125 = 2 cells and an eighth
     assert lines[2].endswith("17.0  θ 0.900")
-
-
-def non_blank(path) -> bool:
-    pixels = np.asarray(Image.open(path).convert("RGB"))
-    return pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
 
 
 def test_plots_are_written(tmp_path):

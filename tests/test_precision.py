@@ -10,7 +10,7 @@ from atm_cli.engine.merge import alternate_split, bipartite_match
 from atm_cli.engine.methods import BlockInput
 from atm_cli.engine.patching import reduce_in_float32
 
-from conftest import make_tiny_vit
+from helpers import make_tiny_vit
 
 # Two keys whose cosine, 0.90287 in float32, lies between the bfloat16 neighbours 0.90234 and 0.90625: a
 # threshold of 0.9025 separates the float32 value from the one bfloat16 rounds it to. Both keys are exact in

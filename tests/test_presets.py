@@ -18,20 +18,12 @@ from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, patch
 from atm_cli.errors import UsageError
 from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
 from atm_cli.models import DEMO_MODEL_NAME
-from atm_cli.presets import (Measured, ModelInfo, build_preset, bundled_presets_dir, default_preset_for, find_preset,
-                             list_presets, load_preset, save_preset)
+from atm_cli.presets import bundled_presets_dir, default_preset_for, find_preset, list_presets, load_preset, save_preset
 
-from conftest import make_tiny_vit
+from helpers import a_preset, make_tiny_vit
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "atm-paper.txt"
 runner = CliRunner()
-
-
-def a_preset(model: str = "deit_small_patch16_224", method=ATMConfig(0.985, 0.045, 0.88)):
-    return build_preset(method, ModelInfo(name=model, tag="fb_in1k", num_classes=1000, checkpoint_sha256="ab" * 32),
-                        batch_size=64, measured=Measured(gflops=3.2345678901234567, top1=79.5, baseline_gflops=4.6,
-                                                         baseline_top1=79.8, n_images=100),
-                        trials=12, seed=3, target="gflops <= 3.3")
 
 
 def write_yaml(path: Path, document) -> Path:

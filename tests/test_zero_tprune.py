@@ -14,7 +14,7 @@ from atm_cli.engine.methods.zero_tprune import (emphasized_importance, iteration
                                                 zero_tprune_keep)
 from atm_cli.presets import Measured, ModelInfo, build_preset, load_preset, save_preset
 
-from test_engine import assert_no_op, FAMILIES, build, engine_and_counter_gflops, tokens_left_along
+from helpers import FAMILIES, assert_no_op, build, engine_and_counter_gflops, tokens_left_along
 
 
 @pytest.fixture(scope="module")
