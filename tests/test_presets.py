@@ -20,7 +20,7 @@ from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
 from atm_cli.models import DEMO_MODEL_NAME
 from atm_cli.presets import bundled_presets_dir, default_preset_for, find_preset, list_presets, load_preset, save_preset
 
-from helpers import a_preset, make_tiny_vit
+from helpers import a_preset, calibrate_args, make_tiny_vit
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "atm-paper.txt"
 runner = CliRunner()
@@ -46,6 +46,19 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert loaded.provenance.trials == 12 and loaded.provenance.source == "atm calibrate"
     assert loaded.provenance.torch_version == metadata.version("torch")
     assert loaded.name == "p"
+
+
+def test_a_calibrated_preset_records_the_precision_and_device_it_was_measured_at(tiny, tmp_path):
+    path = tmp_path / "bf16.yaml"
+    made = runner.invoke(app, calibrate_args(tiny, "--device", "cpu", "--precision", "bf16", "--target-reduction", "20",
+                                             "--n-trials", "2", "--out", str(path)))
+    assert made.exit_code == 0, made.output
+    provenance = yaml.safe_load(path.read_text())["provenance"]
+    assert (provenance["precision"], provenance["device_type"]) == ("bf16", "cpu")
+    evaluated = runner.invoke(app, ["eval", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--preset",
+                                    str(path), "--device", "cpu", "--workers", "0"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "the preset was measured at bf16, this run is fp32" in evaluated.output
 
 
 def test_tome_preset_round_trip(tmp_path):

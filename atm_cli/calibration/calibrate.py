@@ -346,8 +346,8 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
     tuned_elsewhere = {} if shared else {
         "tuning_data": tuning.data, "tuning_data_fingerprint": tuning.data_fingerprint,
         "tuning_top1": tuning.top1, "tuning_gflops": tuning.gflops}
-    timed = {} if speed is None else {"device_type": loaded.device.type, "device": speed.device,
-                                      "precision": speed.precision, "compiled": speed.compiled}
+    measured_on = {"device_type": loaded.device.type, "precision": loaded.precision}  # every figure depends on them
+    timed = {} if speed is None else {"device": speed.device, "compiled": speed.compiled}
     if speed is not None:  # where it was timed goes with the figure: provenance above, batch_size beside
         reported = dataclasses.replace(reported, speedup=speed.chosen.speedup,
                                        speedup_spread=[speed.chosen.speedup_low, speed.chosen.speedup_high])
@@ -364,5 +364,5 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
                     f" on {reported.n_images} images" +
                     ("" if speed is None else f", {speed.chosen.speedup:.2f}x measured on {speed.device}"),
         trials=trials, seed=request.seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
-        **timed,
+        **measured_on, **timed,
     )
