@@ -177,7 +177,8 @@ def _hub_offline_unless_reachable() -> None:
 
 
 def _read_checkpoint(path: Path, unsafe: bool) -> dict:
-    """The state dict in a checkpoint file, unwrapped by timm (`state_dict_ema`, `model`, `state_dict`).
+    """The state dict in a checkpoint file, unwrapped by timm (the first of `state_dict_ema`, `model_ema`,
+    `state_dict`, `model`).
 
     Only tensors and plain containers are unpickled unless `unsafe`: a file that pickles other objects
     (older training scripts save their arguments) is refused, since unpickling them runs code from the file.
