@@ -249,3 +249,44 @@ def test_calibrate_returns_no_merging_when_the_chosen_setting_measured_slower(ti
 def test_speed_goals_are_checked_before_any_work(tiny, flags, message):
     outcome = runner.invoke(app, calibrate_args(tiny, *flags))
     assert outcome.exit_code == 2 and message in outcome.output and len(outcome.output.strip().splitlines()) == 1
+
+
+def test_a_choice_that_measures_short_of_the_speedup_is_replaced_by_a_faster_trial(monkeypatch):
+    """The device runs every setting 10% slower than predicted: the first choice (more accurate) misses 1.25x,
+    so the target is raised by that bias and the faster trial, which then measures above 1.25x, is chosen."""
+    from types import SimpleNamespace
+
+    from atm_cli.calibration.search import SearchResult
+    from atm_cli.calibration.trials import Finished
+
+    latency = linear_model(atm=StepCost(0.0, 0.0))
+    goal = speed_goal(latency, depth=2, speedup=1.25)
+    space = SearchSpace(alpha=(0.8, 1.0), beta=(0.0, 0.05), theta_min=(0.8, 1.0), step=0.01)
+
+    def trial(number: int, tokens: tuple[int, ...], right: int) -> Finished:
+        correct = np.arange(10) < right
+        outcomes = Outcomes([BatchOutcome(correct, (~correct).astype(np.int64), right, 1.0, tokens[:-1], tokens[-1])])
+        params = {"alpha": 1.0 - number / 100, "beta": 0.0, "theta_min": 0.8}
+        return Finished(number, "complete", params, outcomes, goal.constraint(outcomes, outcomes) <= 0, hits=correct)
+
+    accurate, fast = trial(0, (18, 8, 4), right=9), trial(1, (18, 4, 2), right=8)  # predicted 1.29x and 1.40x
+    unmerged = latency.unmerged_seconds(2)
+    assert unmerged / goal.cost(accurate.outcomes) == pytest.approx(1.29, abs=0.01)
+    reference = trial(2, (18, 18, 18), right=10).outcomes
+    result = SearchResult(accurate, accurate, [accurate, fast], reference, goal, space, "paired", 10, 2, 0, 0, "t")
+
+    def ten_percent_slow(loaded, images, configs, repeats, progress):
+        by_config = {space.config(t.params): t for t in (accurate, fast)}
+        speeds = []
+        for config in configs:
+            tokens = by_config[config].outcomes.batches[0].tokens + (by_config[config].outcomes.batches[0].tokens_left,)
+            predicted = unmerged / latency.predict_seconds(tokens, "atm")
+            speeds.append(MeasuredSpeed(1.0, 1.0, 0.9 * predicted, 0.9 * predicted, 0.9 * predicted, repeats, tokens))
+        return speeds
+
+    monkeypatch.setattr(speed_module, "measure_speedups", ten_percent_slow)
+    source = SimpleNamespace(loaded=None, batches=[(None, None)], depth=2)
+    chosen, check = speed_module.time_choice(source, result, latency)
+    assert chosen.best.number == fast.number and check.chosen.speedup >= 1.25
+    assert [trial for trial, _ in check.corrections] == [accurate.number]
+    assert check.corrections[0][1] == pytest.approx(0.9)

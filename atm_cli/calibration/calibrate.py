@@ -307,8 +307,14 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         stage("searching")
         result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
                             on_trial)
-        forward_passes = range_passes + source.images_run
         config = result.best_config  # RunError when no trial met the goal
+        speed = None
+        if latency is not None:
+            stage("timing the chosen setting against the unmerged model")
+            # RunError (no merging) when it measured slower; a faster trial when it measured short of the goal
+            result, speed = time_choice(source, result, latency)
+            config = result.best_config
+        forward_passes = range_passes + source.images_run
 
         tuning = Measured.of(Comparison(result.best.outcomes, reference, images.labelled), images.source,
                              images.fingerprint, request.limit)
@@ -320,10 +326,6 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         run = Comparison(report_source.run(config), report_source.baseline, report_images.labelled)
         report_passes = report_source.images_run
         reported = Measured.of(run, report_images.source, report_images.fingerprint, request.limit if shared else None)
-        speed = None
-        if latency is not None:
-            stage("timing the chosen setting against the unmerged model")
-            speed = time_choice(source, result, latency)  # RunError (no merging) when it measured slower
 
     preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials), speed)
     if request.out is not None:

@@ -6,6 +6,7 @@ the search stays reproducible); only the result is timed, interleaved with the u
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from .space import SearchSpace
 
 FIT_SETTINGS = 4  # constant thresholds of the space that ATM's step cost is fitted on
 TIMING_REPEATS = 7  # interleaved rounds when the result is timed
+CORRECTIONS = 2  # re-choices when the chosen setting measures slower than the speedup asked for
 
 
 def fit_settings(space: SearchSpace, depth: int) -> list[ATMConfig]:
@@ -74,10 +76,14 @@ class SpeedCheck:
     chosen: MeasuredSpeed
     runner_up: int | None = None  # its trial number
     runner_up_speed: MeasuredSpeed | None = None
+    # Each earlier choice that measured short of the speedup asked for: (trial, measured over predicted speedup),
+    # the latency model's bias here, by which the predicted target was raised before choosing again.
+    corrections: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision,
                 "compiled": self.compiled, "predicted_speedup": self.predicted_speedup,
+                "corrections": [{"trial": trial, "measured_over_predicted": ratio} for trial, ratio in self.corrections],
                 "predicted_timed_speedup": self.predicted_timed_speedup,
                 "measured_speedup": self.chosen.speedup, "speedup_spread": [self.chosen.speedup_low,
                                                                             self.chosen.speedup_high],
@@ -87,10 +93,46 @@ class SpeedCheck:
 
 
 def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, repeats: int = TIMING_REPEATS,
-                progress: Callable[[int, int], None] | None = None) -> SpeedCheck:
+                progress: Callable[[int, int], None] | None = None) -> tuple[SearchResult, SpeedCheck]:
     """Time the chosen setting and the runner-up (the goal's next choice, of another setting) on the first
-    tuning batch, interleaved with the unmerged model. RunError when the chosen setting measured slower than
-    the unmerged model: calibration then returns no merging."""
+    tuning batch, interleaved with the unmerged model. When the chosen setting measures short of the speedup
+    asked for, the prediction overshot here (the latency model's bias, the timed batch against all tuning
+    batches): the predicted target is raised by measured over predicted speedup and the goal chooses again
+    among the finished trials (at most `CORRECTIONS` times). Returns the result as finally
+    chosen and its timing; RunError when the chosen setting measured slower than the unmerged model:
+    calibration then returns no merging."""
+    corrections: list[tuple[int, float]] = []
+    while True:
+        check = _timed(source, result, latency, repeats, progress, tuple(corrections))
+        asked = result.goal.speedup
+        bias = check.chosen.speedup / check.predicted_speedup  # measured over what the goal constrained
+        if asked is None or check.chosen.speedup >= asked or len(corrections) == CORRECTIONS or bias >= 1:
+            break
+        rechosen = _rechoose(result, dataclasses.replace(result.goal, target_seconds=result.goal.target_seconds * bias))
+        if rechosen is None:
+            break
+        corrections.append((result.best.number, bias))
+        result = rechosen
+    if check.chosen.speedup < 1:
+        key, best = latency.key, result.best
+        raise RunError(f"no merging: the best setting found (trial {best.number}) measured "
+                       f"{check.chosen.speedup:.2f}x the unmerged model's speed ({check.chosen.speedup_low:.2f}-"
+                       f"{check.chosen.speedup_high:.2f}x over {repeats} rounds) on {key.device}, batch "
+                       f"{key.batch_size}, {key.precision}{', compiled' if key.compiled else ''}: merging does not pay "
+                       "here, so no setting is returned")
+    return result, check
+
+
+def _rechoose(result: SearchResult, goal: LatencyGoal) -> SearchResult | None:
+    """The result as `goal` chooses among the finished trials (None: no complete trial meets it)."""
+    complete = [dataclasses.replace(t, feasible=goal.constraint(t.outcomes, result.reference) <= 0)
+                for t in result.trials if t.state == "complete"]
+    best = goal.choose(complete, goal.reference_hits(result.reference), result.rule)
+    return None if best is None else dataclasses.replace(result, goal=goal, best=best)
+
+
+def _timed(source: Workload, result: SearchResult, latency: LatencyModel, repeats: int,
+           progress: Callable[[int, int], None] | None, corrections: tuple[tuple[int, float], ...]) -> SpeedCheck:
     goal, best = result.goal, result.best
     others = [t for t in result.trials if t.state == "complete" and t.params != best.params]
     runner_up = goal.choose(others, goal.reference_hits(result.reference), result.rule)
@@ -98,13 +140,7 @@ def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, r
     speeds = measure_speedups(source.loaded, source.batches[0][0], configs, repeats, progress)
     unmerged = latency.unmerged_seconds(source.depth)
     key = latency.key
-    check = SpeedCheck(key.device, key.batch_size, key.precision, key.compiled, unmerged / goal.cost(best.outcomes),
-                       unmerged / latency.predict_seconds(speeds[0].tokens, "atm"), speeds[0],
-                       None if runner_up is None else runner_up.number, speeds[1] if runner_up is not None else None)
-    if check.chosen.speedup < 1:
-        raise RunError(f"no merging: the best setting found (trial {best.number}) measured "
-                       f"{check.chosen.speedup:.2f}x the unmerged model's speed ({check.chosen.speedup_low:.2f}-"
-                       f"{check.chosen.speedup_high:.2f}x over {repeats} rounds) on {key.device}, batch "
-                       f"{key.batch_size}, {key.precision}{', compiled' if key.compiled else ''}: merging does not pay "
-                       "here, so no setting is returned")
-    return check
+    return SpeedCheck(key.device, key.batch_size, key.precision, key.compiled, unmerged / goal.cost(best.outcomes),
+                      unmerged / latency.predict_seconds(speeds[0].tokens, "atm"), speeds[0],
+                      None if runner_up is None else runner_up.number, speeds[1] if runner_up is not None else None,
+                      corrections)
