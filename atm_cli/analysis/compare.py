@@ -7,6 +7,14 @@ already exact) finds that step, and a run on every batch confirms it; a data-dep
 constant threshold, on ATM's threshold grid) steps on while the full run still exceeds the budget.
 ATM takes the calibration's best top-1 under the budget, in the space measured from the model,
 seeded with the constant threshold's point at that budget: it never scores below it.
+
+`by=By.TIME` budgets time instead: a budget is a share of the unmerged model's time per batch on this
+device, predicted from a run's token counts by the device's latency model (`evaluation.latency`,
+cached; each method's step cost fitted on a few of its settings), as `atm calibrate --target-speedup`
+constrains its trials: cheap and deterministic, where timing every step tried would be neither. Fewer
+tokens are predicted faster, so the same bisection holds along a ladder. Either way every point is then
+timed for real beside the unmerged model (`stress.timed`), and that measured speedup is what the
+report shows (a point may measure short of its budget by the model's error).
 """
 from __future__ import annotations
 
@@ -15,25 +23,85 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..calibration import BudgetGoal, RangeFlags, SearchSpace, reachable_gflops, search_on
+from ..calibration import BudgetGoal, RangeFlags, SearchSpace, search_on
+from ..calibration.goals import CappedGoal, LatencyGoal
+from ..calibration.seeding import first_batches
+from ..calibration.speed import FIT_SETTINGS, fit_settings
+from ..engine import MethodConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import Outcomes, Workload, describe_method
+from ..evaluation.latency import MeasuredSpeed, device_latency
 from ..paper import BUDGETS
 from .plotting import pyplot, save_figure
-from .stress import METHODS, ChosenSetting, OnBaseline, Ladder, check_methods, ladders
+from .stress import METHODS, By, ChosenSetting, OnBaseline, Ladder, Timing, check_methods, ladders, timed
+
+Cost = Callable[[MethodConfig, Outcomes], float]  # a setting's run, in the budget's unit
+
+
+@dataclass(frozen=True)
+class BudgetUnit:
+    """What a budget caps: GFLOPs per image, or time per batch predicted by the device's latency model."""
+
+    by: By
+    unmerged: float  # the unmerged model's, in that unit
+    cost: Cost
+    goal: Callable[[float, float], CappedGoal]  # ATM's search goal for (limit, share)
+
+
+def gflops_of(config: MethodConfig, run: Outcomes) -> float:
+    return run.gflops
+
+
+def gflops_unit(workload: Workload) -> BudgetUnit:
+    return BudgetUnit(By.GFLOPS, workload.baseline.gflops, gflops_of, lambda limit, share: BudgetGoal(limit))
+
+
+def time_unit(workload: Workload, fits: dict[str, Sequence[MethodConfig]],
+              folder: str | Path | None = None) -> BudgetUnit:
+    """Predicted seconds per batch, from the latency model at the workload's batch size (cached), with the
+    step cost of each method in `fits` (config name -> settings) fitted on the first batch."""
+    latency = device_latency(workload.loaded, workload.batches[0][0], fits, folder)
+
+    def predicted(config: MethodConfig, run: Outcomes) -> float:
+        return latency.outcomes_seconds(run, config.NAME)
+
+    def goal(limit: float, share: float) -> CappedGoal:
+        return LatencyGoal(limit, predict=lambda run: latency.outcomes_seconds(run, "atm"), speedup=1 / share)
+
+    return BudgetUnit(By.TIME, latency.unmerged_seconds(workload.depth), predicted, goal)
+
+
+def step_fits(methods: Sequence[str], known: dict[str, Ladder], space: SearchSpace,
+              depth: int) -> dict[str, list[MethodConfig]]:
+    """The settings each method's step cost is fitted on, by config name: ToMe's schedules share ToMe's, and the
+    constant threshold ATM's, fitted on the space's constants as `atm calibrate --target-speedup` fits it."""
+    fits: dict[str, list[MethodConfig]] = {}
+    for name in methods:
+        settings = fit_settings(space, depth) if name in ("atm", "threshold") else spread(known[name])
+        fits.setdefault(settings[0].NAME, settings)
+    return fits
+
+
+def spread(ladder: Ladder, n: int = FIT_SETTINGS) -> list[MethodConfig]:
+    """Up to `n` settings of the ladder, from its least merging step to its most."""
+    steps = sorted({1 + round(i * (ladder.top - 1) / (n - 1)) for i in range(n)})
+    return [ladder.config(step) for step in steps]
 
 
 @dataclass
 class ComparePoint(ChosenSetting):
     method: str
-    budget: float  # share of the unmerged GFLOPs
-    budget_gflops: float
+    budget: float  # share of the unmerged GFLOPs, or of its time per batch (by time)
+    limit: float  # the budget in its unit: GFLOPs per image, or predicted seconds per batch
     chosen: Outcomes | None  # None: no setting of this method fits the budget
     params: dict | None
+    config: MethodConfig | None = None
+    speed: MeasuredSpeed | None = None
+    by: By = By.GFLOPS
 
     def to_dict(self, baseline: Outcomes) -> dict:
-        return {"method": self.method, "budget": self.budget, "budget_gflops": self.budget_gflops,
-                **self.figures(baseline)}
+        unit = {"budget_gflops": self.limit} if self.by is By.GFLOPS else {"budget_seconds": self.limit}
+        return {"method": self.method, "budget": self.budget, **unit, **self.figures(baseline)}
 
 
 @dataclass
@@ -43,6 +111,8 @@ class CompareReport(OnBaseline):
     budgets: list[float]
     points: list[ComparePoint]
     space: SearchSpace  # ATM's search space and the constant threshold's grid
+    timing: Timing
+    by: By = By.GFLOPS
     interrupted: bool = False  # stopped early: `points` holds those finished before the interrupt
 
     def point(self, method: str, budget: float) -> ComparePoint | None:
@@ -53,33 +123,40 @@ class CompareReport(OnBaseline):
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "n_images": self.n_images, "batch_size": self.batch_size, "methods": self.methods,
                 "budgets": self.budgets, "points": [p.to_dict(self.baseline) for p in self.points],
-                "search_space": self.space.to_dict(), "interrupted": self.interrupted}
+                "by": self.by.value, "timing": self.timing.to_dict(), "search_space": self.space.to_dict(),
+                "interrupted": self.interrupted}
 
 
-def least_merging_within(workload: Workload, ladder: Ladder, budget_gflops: float) -> tuple[int, Outcomes] | None:
-    """The smallest ladder step whose GFLOPs on all batches are <= the budget, and its run (None: none fits)."""
+def least_merging_within(workload: Workload, ladder: Ladder, limit: float,
+                         cost: Cost = gflops_of) -> tuple[int, Outcomes] | None:
+    """The smallest ladder step whose cost (GFLOPs, or predicted time) on all batches is <= `limit`, and its
+    run (None: none fits)."""
     estimates: dict[int, float] = {}
 
     def estimate(step: int) -> float:
         if step not in estimates:
-            estimates[step] = workload.run(ladder.config(step), max_batches=1).gflops
+            config = ladder.config(step)
+            estimates[step] = cost(config, workload.run(config, max_batches=1))
         return estimates[step]
 
-    if estimate(ladder.top) > budget_gflops:
+    if estimate(ladder.top) > limit:
         return None
-    # The least merging step that fits (the top one does; step 0 merges nothing): GFLOPs fall along a ladder.
-    fits = 1 + bisect.bisect_left(range(1, ladder.top), True, key=lambda step: estimate(step) <= budget_gflops)
+    # The least merging step that fits (the top one does; step 0 merges nothing): the cost falls along a ladder.
+    fits = 1 + bisect.bisect_left(range(1, ladder.top), True, key=lambda step: estimate(step) <= limit)
     for step in range(fits, ladder.top + 1):
-        run = workload.run(ladder.config(step))
-        if run.gflops <= budget_gflops:
+        config = ladder.config(step)
+        run = workload.run(config)
+        if cost(config, run) <= limit:
             return step, run
     return None
 
 
 def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
             n_trials: int = 30, seed: int = 0, ranges: RangeFlags = RangeFlags(),
-            progress: Callable[[int, int], None] | None = None, keep_partial: bool = False) -> CompareReport:
-    """Top-1 and GFLOPs of each method at each budget (a share of the unmerged model's GFLOPs).
+            progress: Callable[[int, int], None] | None = None, keep_partial: bool = False, by: By = By.GFLOPS,
+            latency_folder: str | Path | None = None) -> CompareReport:
+    """Top-1, GFLOPs and measured speedup of each method at each budget (a share of the unmerged model's
+    GFLOPs, or `by` time of its predicted time per batch; `latency_folder`: the latency model's cache).
 
     ATM's points are searched after the others', seeded with the constant threshold's when it ran.
     With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the comparison early and
@@ -88,13 +165,17 @@ def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Seque
     check_methods(methods)
     outside = [b for b in budgets if not 0 < b < 1]
     if outside or not budgets:
-        raise UsageError(f"budgets are shares of the unmerged GFLOPs strictly between 0 and 1 (e.g. 0.7), got {budgets}")
+        raise UsageError(f"budgets are shares of the unmerged {'GFLOPs' if by is By.GFLOPS else 'time'} strictly "
+                         f"between 0 and 1 (e.g. 0.7), got {budgets}")
     if not workload.n_batches:
         raise UsageError("the comparison needs at least one image")
     space = ranges.resolve(workload)
     known = ladders(workload.loaded, space)
     baseline = workload.baseline
+    unit = gflops_unit(workload) if by is By.GFLOPS else time_unit(
+        workload, step_fits(methods, known, space, workload.depth), latency_folder)
     points: dict[tuple[str, float], ComparePoint] = {}
+    speeds: dict[MethodConfig, MeasuredSpeed] = {}  # a setting chosen at several budgets is timed once
     total = len(methods) * len(budgets)
     with Interruptible(keep_partial) as stop:
         for method in sorted(methods, key=lambda name: name == "atm"):  # ATM last: the constant seeds it
@@ -102,51 +183,64 @@ def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Seque
                 if method == "atm":
                     constant = points.get(("threshold", budget))
                     seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                    point = atm_within(workload, budget, n_trials, seed, space, seeds)
+                    point = atm_within(workload, budget, unit, n_trials, seed, space, seeds)
                 else:
-                    point = ladder_within(workload, known[method], budget, baseline.gflops)
+                    point = ladder_within(workload, known[method], budget, unit)
+                if point.passed:
+                    if point.config not in speeds:
+                        speeds[point.config] = timed(workload, point.config)
+                    point.speed = speeds[point.config]
                 points[method, budget] = point
                 if progress is not None:
                     progress(len(points), total)
     ordered = [points[m, b] for m in methods for b in budgets if (m, b) in points]
-    return CompareReport(baseline, list(methods), list(budgets), ordered, space, stop.interrupted)
+    return CompareReport(baseline, list(methods), list(budgets), ordered, space, Timing.of(workload), by,
+                         stop.interrupted)
 
 
-def ladder_within(workload: Workload, ladder: Ladder, budget: float, baseline_gflops: float) -> ComparePoint:
+def ladder_within(workload: Workload, ladder: Ladder, budget: float, unit: BudgetUnit) -> ComparePoint:
     """A ladder method's point at one budget: its least merging within it."""
-    budget_gflops = budget * baseline_gflops
-    found = least_merging_within(workload, ladder, budget_gflops)
+    limit = budget * unit.unmerged
+    found = least_merging_within(workload, ladder, limit, unit.cost)
     if found is None:
-        return ComparePoint(ladder.method, budget, budget_gflops, None, None)
+        return ComparePoint(ladder.method, budget, limit, None, None, by=unit.by)
     step, run = found
-    return ComparePoint(ladder.method, budget, budget_gflops, run, ladder.params(step))
+    return ComparePoint(ladder.method, budget, limit, run, ladder.params(step), ladder.config(step), by=unit.by)
 
 
-def atm_within(workload: Workload, budget: float, n_trials: int, seed: int, space: SearchSpace,
+def atm_within(workload: Workload, budget: float, unit: BudgetUnit, n_trials: int, seed: int, space: SearchSpace,
                seeds: Sequence = ()) -> ComparePoint:
-    """ATM: the calibration search's best top-1 with GFLOPs <= the budget, chosen on these images."""
-    budget_gflops = budget * workload.baseline.gflops
-    lowest, _, _ = reachable_gflops(workload, space)
-    found = None if budget_gflops < lowest else search_on(workload, BudgetGoal(budget_gflops), space, n_trials, seed,
-                                                          seeds)
+    """ATM: the calibration search's best top-1 within the budget in `unit`, chosen on these images; none when
+    even the most merging setting in range exceeds it on the first batch."""
+    limit = budget * unit.unmerged
+    most = space.extremes()[0]
+    reachable = unit.cost(most, first_batches(workload, most, 1)) <= limit
+    found = search_on(workload, unit.goal(limit, budget), space, n_trials, seed, seeds) if reachable else None
     if found is None or found.best is None:
-        return ComparePoint("atm", budget, budget_gflops, None, None)
-    _, params = describe_method(space.config(found.best.params))
-    return ComparePoint("atm", budget, budget_gflops, found.best.outcomes, params)
+        return ComparePoint("atm", budget, limit, None, None, by=unit.by)
+    config = space.config(found.best.params)
+    return ComparePoint("atm", budget, limit, found.best.outcomes, describe_method(config)[1], config, by=unit.by)
 
 
 def plot_compare(report: CompareReport, path: str | Path, title: str = "") -> Path:
-    """Fig. 4: top-1 against GFLOPs, one line per method, the unmerged model as a star."""
+    """Fig. 4: top-1 against GFLOPs (or, by time, against the measured speedup), one line per method, the
+    unmerged model as a star."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_time = report.by is By.TIME
+
+    def x(point: ComparePoint) -> float:
+        return point.speedup if by_time else point.gflops
+
     for method in report.methods:
-        reached = [p for p in report.points if p.method == method and p.gflops is not None]
-        axes.plot([p.gflops for p in reached], [p.top1 for p in reached], marker="o", label=method)
-    axes.plot([report.baseline_gflops], [report.baseline_top1], marker="*", markersize=14, color="black",
-              linestyle="none", label="unmerged")
-    axes.set_xlabel("GFLOPs per image")
+        reached = [p for p in report.points if p.method == method and p.passed]
+        axes.plot([x(p) for p in reached], [p.top1 for p in reached], marker="o", label=method)
+    axes.plot([1.0 if by_time else report.baseline_gflops], [report.baseline_top1], marker="*", markersize=14,
+              color="black", linestyle="none", label="unmerged")
+    axes.set_xlabel("speedup over the unmerged model (measured)" if by_time else "GFLOPs per image")
     axes.set_ylabel("top-1 accuracy (%)")
-    axes.set_title(title or f"Accuracy against GFLOPs ({report.n_images} images, batch {report.batch_size})")
+    against = "measured speedup" if by_time else "GFLOPs"
+    axes.set_title(title or f"Accuracy against {against} ({report.n_images} images, batch {report.batch_size})")
     axes.grid(alpha=0.3)
     axes.legend()
     return save_figure(figure, path)

@@ -11,23 +11,47 @@ next one fails. It gallops up (steps 1, 3, 7, ...: a pass moves the floor up, th
 until a step fails, bisects between the last pass and that failure, then looks `lookahead` steps
 past the failure; a pass there resumes the climb from it. Every step tried is reported. A trial
 stops as soon as its misses make the tolerance unreachable, so failures cost a fraction of a pass.
+
+Every method's answer is then timed for real beside the unmerged model (`timed`: the first batch,
+a few interleaved rounds, the median ratio), and the report ranks the methods by GFLOPs or by that
+measured speedup (`By`). The search itself does not change with the ranking: along one ladder more
+merging leaves fewer tokens in every block, so the step that saves the most GFLOPs is also its
+fastest (within a method, time follows the tokens); what GFLOPs do not tell is how one method's
+overhead compares with another's, which only the measured ranking shows.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..engine import METHODS as REGISTRY
 from ..engine import ATMConfig, MethodConfig, ToMeConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import Comparison, LoadedModel, Outcomes, Workload, describe_method
+from ..evaluation.latency import MeasuredSpeed, device_name, measure_speedups
 from ..paper import METHODS
 
 Progress = Callable[[int, int], None]
 
 LOOKAHEAD = 2
+SPEED_REPEATS = 5  # interleaved rounds on one batch: a column beside GFLOPs, not a benchmark
+
+
+class By(str, Enum):
+    """What methods are ranked (stress) and budgeted (compare) by: GFLOPs per image, or time on this device."""
+
+    GFLOPS = "gflops"
+    TIME = "time"
+
+    @classmethod
+    def parse(cls, text: str) -> By:
+        try:
+            return cls(text)
+        except ValueError:
+            raise UsageError(f"--by {text}: choose from {', '.join(by.value for by in cls)}") from None
 
 
 @dataclass(frozen=True)
@@ -97,14 +121,21 @@ class Trial:
 
 
 class ChosenSetting:
-    """A method's answer: the chosen setting's outcomes, or None when no setting passed."""
+    """A method's answer: the chosen setting's outcomes, or None when no setting passed; its config, and its
+    speed measured beside the unmerged model (`timed`)."""
 
     chosen: Outcomes | None
     params: dict | None
+    config: MethodConfig | None
+    speed: MeasuredSpeed | None
 
     @property
     def passed(self) -> bool:
         return self.chosen is not None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.speed.speedup if self.speed else None
 
     @property
     def top1(self) -> float | None:
@@ -119,7 +150,8 @@ class ChosenSetting:
         run = Comparison(self.chosen, baseline) if self.chosen else None
         return {"passed": self.passed, "top1": self.top1, "gflops": self.gflops,
                 "agreement": run.agreement if run else None, "params": self.params,
-                "gflops_change": -run.gflops_reduction if run else None}
+                "gflops_change": -run.gflops_reduction if run else None, "speedup": self.speedup,
+                "speed": self.speed.to_dict() if self.speed else None}
 
 
 @dataclass
@@ -130,6 +162,8 @@ class MethodResult(ChosenSetting):
     params: dict | None
     trials: list[Trial] = field(default_factory=list)
     forward_passes: int = 0  # images run through the model for this method, stopped trials included
+    config: MethodConfig | None = None
+    speed: MeasuredSpeed | None = None
 
     def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "description": self.description, **self.figures(baseline),
@@ -158,18 +192,56 @@ class OnBaseline:
         return self.baseline.batch_sizes[0]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How the speedups were measured: each answer beside the unmerged model on the first batch, interleaved."""
+
+    device: str
+    batch_size: int
+    repeats: int
+    compiled: bool
+    compile_seconds: float  # compiling while the settings ran on the images: left out of every figure
+
+    @classmethod
+    def of(cls, workload: Workload) -> Timing:
+        loaded = workload.loaded
+        return cls(device_name(loaded.device), len(workload.batches[0][1]), SPEED_REPEATS, loaded.compiled,
+                   workload.compile_seconds)
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "repeats": self.repeats,
+                "compiled": self.compiled, "compile_seconds": self.compile_seconds}
+
+
+def timed(workload: Workload, config: MethodConfig) -> MeasuredSpeed:
+    """`config` timed for real beside the unmerged model on the first batch (interleaved rounds, medians)."""
+    speed, = measure_speedups(workload.loaded, workload.batches[0][0], [config], SPEED_REPEATS)
+    return speed
+
+
 @dataclass
 class StressReport(OnBaseline):
     baseline: Outcomes
     tolerance: float
     methods: list[MethodResult]
     space: SearchSpace  # ATM's search space and the constant threshold's grid
+    timing: Timing
+    by: By = By.GFLOPS
     interrupted: bool = False  # stopped early: `methods` holds those finished before the interrupt
+
+    def rank_key(self, result: MethodResult) -> float:
+        """Smaller ranks higher: fewer GFLOPs, or a higher measured speedup."""
+        return result.gflops if self.by is By.GFLOPS else -result.speedup
+
+    def ranked(self) -> list[MethodResult]:
+        """The methods that passed, best first by `by`."""
+        return sorted((result for result in self.methods if result.passed), key=self.rank_key)
 
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
-                "methods": [result.to_dict(self.baseline) for result in self.methods],
+                "methods": [result.to_dict(self.baseline) for result in self.methods], "by": self.by.value,
+                "ranking": [result.method for result in self.ranked()], "timing": self.timing.to_dict(),
                 "search_space": self.space.to_dict(), "interrupted": self.interrupted}
 
 
@@ -243,14 +315,15 @@ def climb(workload: Workload, ladder: Ladder, needed: int,
 
     best = largest_passing_step(passes, ladder.top, lookahead)
     if best > 0:
-        result.chosen, result.params = runs[best], ladder.params(best)
+        result.chosen, result.params, result.config = runs[best], ladder.params(best), ladder.config(best)
     return result
 
 
 def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: float = 0.0,
            n_trials: int = 30, seed: int = 0, lookahead: int = LOOKAHEAD, ranges: RangeFlags = RangeFlags(),
-           progress: Progress | None = None, keep_partial: bool = False) -> StressReport:
-    """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points).
+           progress: Progress | None = None, keep_partial: bool = False, by: By = By.GFLOPS) -> StressReport:
+    """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points),
+    timed beside the unmerged model, ranked `by` GFLOPs or measured speedup.
 
     ATM runs after the ladders, seeded with the constant threshold's passing step when it ran.
     With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the test early and the
@@ -271,13 +344,16 @@ def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: floa
             if name == "atm":
                 constant = results.get("threshold")
                 seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                results[name] = atm_no_drop(workload, tolerance, n_trials, seed, space, seeds)
+                result = atm_no_drop(workload, tolerance, n_trials, seed, space, seeds)
             else:
-                results[name] = climb(workload, known[name], needed, lookahead)
+                result = climb(workload, known[name], needed, lookahead)
+            if result.passed:
+                result.speed = timed(workload, result.config)
+            results[name] = result
             if progress is not None:
                 progress(len(results), len(methods))
     return StressReport(baseline, tolerance, [results[name] for name in methods if name in results], space,
-                        stop.interrupted)
+                        Timing.of(workload), by, stop.interrupted)
 
 
 def atm_no_drop(workload: Workload, tolerance: float, n_trials: int, seed: int, space: SearchSpace,
@@ -289,5 +365,6 @@ def atm_no_drop(workload: Workload, tolerance: float, n_trials: int, seed: int, 
     result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", None, None, trials,
                           found.forward_passes)
     if found.best is not None:
-        result.chosen, (_, result.params) = found.best.outcomes, describe_method(space.config(found.best.params))
+        result.config = space.config(found.best.params)
+        result.chosen, (_, result.params) = found.best.outcomes, describe_method(result.config)
     return result

@@ -129,6 +129,7 @@ class CalibrationRequest:
     workers: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    compile: str = "off"  # auto | on | off (`evaluation.models.resolve_compile`)
     storage: str | None = None
     study_name: str | None = None
     out: Path | None = None
@@ -190,6 +191,8 @@ class CalibrationReport:
     report_forward_passes: int  # images through the model to measure the result on --eval-data
     preset: Preset
     speed: SpeedCheck | None = None  # a time goal's result timed for real
+    compiled: bool = False  # the model ran through torch.compile (--compile)
+    compile_seconds: float = 0.0  # compiling while the search and the report ran (left out of every speed)
 
     @property
     def budget_note(self) -> str | None:
@@ -240,6 +243,7 @@ class CalibrationReport:
             "storage": redact(self.request.storage),
             "preset": str(self.preset.path) if self.preset.path else None,
             "speed": self.speed.to_dict() if self.speed is not None else None,
+            "compiled": self.compiled, "compile_seconds": self.compile_seconds,
         }
 
 
@@ -251,7 +255,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     stage(f"loading {request.model}")
     storage = open_storage(request.storage)  # a storage problem is found before the model and data load
     loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
-                        unsafe_checkpoint=request.unsafe_checkpoint)
+                        unsafe_checkpoint=request.unsafe_checkpoint, compile=request.compile)
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
     if request.data is None and not demo_defaults:
         raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
@@ -339,7 +343,8 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
                              shared_images=shared, reachable_gflops=reachable, constant=constant,
                              forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset,
-                             speed=speed)
+                             speed=speed, compiled=loaded.compiled,
+                             compile_seconds=source.compile_seconds + report_source.compile_seconds)
 
 
 def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,

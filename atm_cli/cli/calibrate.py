@@ -15,6 +15,7 @@ from atm_cli.model_names import DEMO_MODEL_ALIAS
 from . import checks
 from . import model_data as options
 from . import ranges
+from . import speed_options
 
 if TYPE_CHECKING:
     from atm_cli.calibration import CalibrationReport, TrialEvent
@@ -53,9 +54,7 @@ def command(
     target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", metavar="T",
                                                       help="Maximise top-1 at a predicted time of at most T ms per "
                                                            "batch on this device (as --target-speedup)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR",
-                                             help="Where latency models are cached (default: $ATM_CACHE, else "
-                                                  "~/.cache/atm)."),
+    cache_dir: Optional[Path] = speed_options.CACHE_DIR,
     n_trials: int = typer.Option(30, "--n-trials", min=1,
                                  help="Trials in the study (a resumed study continues up to this many)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
@@ -82,6 +81,7 @@ def command(
     workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes (images are loaded once)."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    compile: str = options.COMPILE,
     out: Optional[Path] = typer.Option(None, "--out", metavar="PRESET.yaml", help="Write the preset here."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -100,7 +100,7 @@ def command(
         no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, target_speedup=target_speedup,
         target_latency_ms=target_latency_ms, latency_cache=cache_dir, n_trials=n_trials, timeout=timeout,
         seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
-        storage=storage, study_name=study_name)  # --out is written here, after the table and --json are out
+        compile=compile, storage=storage, study_name=study_name)  # --out is written here, after the table and --json
     request.check()
     checks.check_output(out, "--out")
     # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
@@ -192,6 +192,9 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
                   f"({result['trials_pruned']} pruned, {result['trials_repeated']} repeating an earlier setting, in "
                   f"the study); the study ran {result['study_forward_passes']} images through the model vs {naive} "
                   f"for a naive search ({share:.0f}%), this process {result['forward_passes']}", highlight=False)
+    if result["compiled"]:
+        console.print(f"compiled: {result['compile_seconds']:.0f} s compiling, left out of every speed figure",
+                      highlight=False)
     space = report.result.space
     console.print(f"ranges: alpha {space.alpha[0]:g}-{space.alpha[1]:g}, beta {space.beta[0]:g}-{space.beta[1]:g}, "
                   f"theta_min {space.theta_min[0]:g}-{space.theta_min[1]:g} (step {space.step:g}), {space.origin}",
