@@ -232,11 +232,15 @@ def _print_speed(console: Console, report: CalibrationReport) -> None:
                   f"model (first tuning batch): {chosen.speedup:.2f}x measured, {speed.predicted_timed_speedup:.2f}x "
                   f"predicted on that batch ({speed.predicted_speedup:.2f}x over the tuning images)", highlight=False,
                   soft_wrap=True)
+    for trial, bias in speed.corrections:
+        console.print(f"chosen again: trial {trial} measured {bias:.2f} of the speedup predicted for it, so the "
+                      "predicted target was raised by that much", highlight=False, soft_wrap=True)
     if speed.runner_up is not None:
         other = speed.runner_up_speed
         console.print(f"runner-up: trial {speed.runner_up}, {other.speedup:.2f}x measured "
                       f"({other.speedup_low:.2f}-{other.speedup_high:.2f})", highlight=False)
     if goal.speedup is not None and chosen.speedup < goal.speedup:
-        console.print(f"note: measured {chosen.speedup:.2f}x, below the {goal.speedup:g}x asked for: the latency "
-                      "model over-predicted here (a loaded machine, or one noisy round); run again, or ask for a "
-                      "little more", highlight=False, soft_wrap=True)
+        console.print(f"note: measured {chosen.speedup:.2f}x, below the {goal.speedup:g}x asked for, and no finished "
+                      "trial is predicted fast enough to make up the latency model's over-prediction here (a loaded "
+                      "machine, or one noisy round); run more trials, or ask for a little more", highlight=False,
+                      soft_wrap=True)
