@@ -35,8 +35,8 @@ class ATMConfig(MethodConfig):
         Param("prop_attn", bool, "proportional attention (log-size term)"),
         Param("r_multiple", int, "r rounded down to a multiple of this (1: the paper's r; larger: fewer token-count "
               "shapes, which a compiled model compiles once each)", low=1),
-        Param("block_thresholds", "floats", "one threshold per block, replacing Eq. (1) (analyses such as merging "
-              "in one block only, Fig. 2)", optional=True, **THRESHOLD),
+        Param("block_thresholds", "floats", "one threshold per block, replacing Eq. (1), for analyses such as "
+              "merging in one block only (Fig. 2); above 1: that block merges nothing", optional=True, low=-1.0),
         Param("prefix_only_last_block", bool, "the last MLP on the prefix tokens alone when the head reads only "
               "them (exact; false merges there as usual)"),
     )
