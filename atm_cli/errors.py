@@ -2,9 +2,32 @@
 and Ctrl-C for long runs that can report what they finished."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+_PARAM = re.compile("\x1f([a-z_]+)\x1f")
+
+
+def param(name: str) -> str:
+    """A parameter as an error message names it, e.g. f"{param('batch_size')} must be at least 1": the library
+    says `batch_size`, the command line its flag (`--batch-size`, from the one table in `cli/flags.py`)."""
+    return f"\x1f{name}\x1f"
+
 
 class AtmError(Exception):
     exit_code = 1
+
+    def __str__(self) -> str:
+        return self.naming(str)
+
+    def naming(self, name_of: Callable[[str], str]) -> str:
+        """The message with each parameter called `name_of(its name)`."""
+        return _PARAM.sub(lambda match: name_of(match.group(1)), super().__str__())
+
+    @property
+    def params(self) -> list[str]:
+        """The parameters the message names."""
+        return _PARAM.findall(super().__str__())
 
 
 class UsageError(AtmError):

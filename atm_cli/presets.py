@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .engine import METHODS, MethodConfig, method_config
-from .errors import UsageError
+from .errors import UsageError, param
 from .files import write_atomically
 from .model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
 
@@ -208,11 +208,11 @@ def check_preset_fits(preset: Preset, model_name: str | None, checkpoint_sha256:
     label = preset.path or "the preset"
     if model_name is not None and canonical_model_name(model_name) != canonical_model_name(preset.model.name):
         raise UsageError(f"{label} was made for {preset.model.name}, not {canonical_model_name(model_name)} "
-                         "(--force applies it anyway)")
+                         f"({param('force')} applies it anyway)")
     if not _fits_checkpoint(preset, checkpoint_sha256):
         theirs = preset.model.checkpoint_sha256
         raise UsageError(f"{label} was made for checkpoint sha256 {theirs[:12]}..., this one is "
-                         f"{checkpoint_sha256[:12]}... (--force applies it anyway)")
+                         f"{checkpoint_sha256[:12]}... ({param('force')} applies it anyway)")
 
 
 def _fits_checkpoint(preset: Preset, checkpoint_sha256: str | None) -> bool:

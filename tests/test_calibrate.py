@@ -247,7 +247,7 @@ def test_bad_ranges_budgets_and_storages_are_refused(tmp_path):
         SearchSpace(alpha=(0.9, 0.95), theta_min=(0.96, 0.99)).validate(12)
     with pytest.raises(UsageError, match="is empty"):
         SearchSpace(beta=(0.05, 0.01)).validate(12)
-    with pytest.raises(UsageError, match="--split-layer must lie in 0..12"):
+    with pytest.raises(UsageError, match="split_layer must lie in 0..12"):
         SearchSpace(split_layer=13).validate(12)
     source = HandBuilt()
     low, high, images = reachable_gflops(source, SearchSpace())

@@ -245,7 +245,7 @@ def test_model_names_aliases_tags_and_folders(tiny_vit_dir, tmp_path):
         resolve_model_name("deit_small_patch16_224.nope")
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"")
-    with pytest.raises(UsageError, match="--checkpoint FILE"):
+    with pytest.raises(UsageError, match="use model NAME checkpoint FILE"):  # the CLI says --model, --checkpoint
         resolve_model_name(str(weights))
     with pytest.raises(UsageError, match="no config.json"):
         resolve_model_name(str(tmp_path))
@@ -318,7 +318,7 @@ def test_a_checkpoint_that_needs_unpickling_needs_the_opt_in(tmp_path):
     weights = timm.create_model(DEMO_MODEL_NAME).state_dict()
     # Older training scripts save their arguments beside the weights: objects that only full unpickling restores.
     torch.save({"model": weights, "output_dir": Path("runs/deit")}, tmp_path / "trained.pth")
-    with pytest.raises(UsageError, match=r"pickles more than weights \(pathlib\.\w*Path\).*--unsafe-checkpoint"):
+    with pytest.raises(UsageError, match=r"pickles more than weights \(pathlib\.\w*Path\).*unsafe_checkpoint loads it"):
         load_model("atm-demo", checkpoint=tmp_path / "trained.pth", device="cpu")
     loaded = load_model("atm-demo", checkpoint=tmp_path / "trained.pth", device="cpu", unsafe_checkpoint=True)
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in weights.items())
@@ -349,7 +349,7 @@ def test_offline_the_hub_fails_at_once_with_the_hint(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     started = time.monotonic()
-    with pytest.raises(RunError, match=r"deit_tiny_patch16_224.*\(offline\? use --checkpoint FILE or --no-pretrained\)"):
+    with pytest.raises(RunError, match=r"deit_tiny_patch16_224.*\(offline\? use checkpoint FILE or no_pretrained\)"):
         load_model("deit_tiny_patch16_224", device="cpu")
     assert time.monotonic() - started < 10
     assert constants.HF_HUB_OFFLINE  # the hub's cache-only mode, as HF_HUB_OFFLINE=1 sets it

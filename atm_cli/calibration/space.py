@@ -21,7 +21,7 @@ import optuna
 
 from atm_cli.engine import ATMConfig
 from atm_cli.engine import resolve_split_layer
-from atm_cli.errors import UsageError
+from atm_cli.errors import UsageError, param
 from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
 PAPER_ORIGIN = "the paper's sweep (Appendix D)"
@@ -59,9 +59,9 @@ class SearchSpace:
                              f"{self.alpha[0]}-{self.alpha[1]}: every threshold would be theta_min, so alpha and beta "
                              "would do nothing")
         if self.split_layer is not None and not 0 <= self.split_layer <= depth:
-            raise UsageError(f"--split-layer must lie in 0..{depth} for this {depth}-block model, got {self.split_layer}")
+            raise UsageError(f"{param('split_layer')} must lie in 0..{depth} for this {depth}-block model, got {self.split_layer}")
         if self.split_layer is not None and self.search_split_layer:
-            raise UsageError("give --split-layer or --search-split-layer, not both")
+            raise UsageError(f"give {param('split_layer')} or {param('search_split_layer')}, not both")
 
     def suggest(self, trial: optuna.Trial, depth: int) -> ATMConfig:
         def grid(name: str, bounds: tuple[float, float], step: float) -> float:

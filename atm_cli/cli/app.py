@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from atm_cli.errors import AtmError
 
 from . import checks
+from .flags import flag_of
 from .model_data import INTERRUPTED_EXIT_CODE
 
 # The hub logs every retry of a download that cannot work offline; the one error line after it says enough.
@@ -69,7 +70,7 @@ class _ReportingGroup(_Group):
         try:
             return super().invoke(ctx)
         except AtmError as error:
-            message = " ".join(str(error).split())
+            message = " ".join(error.naming(flag_of).split())
             typer.echo(f"atm: error: {message}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:

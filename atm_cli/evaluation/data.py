@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from atm_cli.errors import RunError, UsageError
+from atm_cli.errors import RunError, UsageError, param
 
 from .models import LoadedModel
 
@@ -225,7 +225,7 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
 
     if hasattr(loaded.model, "set_classes"):  # a zero-shot classifier: its classes are the folder's
         if class_map is not None:
-            raise UsageError(f"{loaded.name} classifies zero-shot into the class folders' names: --class-map "
+            raise UsageError(f"{loaded.name} classifies zero-shot into the class folders' names: {param('class_map')} "
                              "does not apply")
         loaded.model.set_classes(folder.classes)
         loaded.num_classes = len(folder.classes)
@@ -241,7 +241,7 @@ def load_image_folder(root: str | Path, loaded: LoadedModel, class_map: str | Pa
     selected = list(range(len(folder.samples)))
     if limit is not None:
         if limit < 1:
-            raise UsageError(f"--limit must be at least 1, got {limit}")
+            raise UsageError(f"{param('limit')} must be at least 1, got {limit}")
         selected = _balanced_subset([t for _, t in folder.samples], limit, seed)
         dataset = Subset(folder, selected)
     skipped = _not_files(root, folder.not_files, limit)
@@ -324,11 +324,11 @@ def _infer_class_mapping(root: Path, folders: list[str], loaded: LoadedModel) ->
             return {name: index[name] for name in folders}
         if len(unknown) < len(folders):
             raise UsageError(f"cannot map class folder(s) {_some(unknown)} of {root} to {loaded.name}'s "
-                             f"{description}; give --class-map FILE")
+                             f"{description}; give {param('class_map')} FILE")
     if len(folders) == loaded.num_classes:
         return {name: i for i, name in enumerate(folders)}
     raise UsageError(f"cannot map the {len(folders)} class folders of {root} to {loaded.name}'s "
-                     f"{loaded.num_classes} classes (names not recognised); give --class-map FILE")
+                     f"{loaded.num_classes} classes (names not recognised); give {param('class_map')} FILE")
 
 
 def _some(names: list[str], shown: int = 5) -> str:
@@ -395,9 +395,9 @@ def _collate(items: list) -> tuple[Tensor | None, Tensor | None, list[tuple[int,
 def make_loader(images: ImageSet, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """The loader every pass uses: fixed order, so every pass and every method sees the same batches."""
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"{param('batch_size')} must be at least 1, got {batch_size}")
     if workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {workers}")
+        raise UsageError(f"{param('workers')} must be 0 or more, got {workers}")
     return DataLoader(
         _IndexedOrUnreadable(images.dataset),
         batch_size=batch_size,

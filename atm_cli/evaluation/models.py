@@ -20,7 +20,7 @@ from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_ta
 from torch import nn
 
 from atm_cli.engine import ToMeConfig, backbone_of, last_trace, patch, unpatch
-from atm_cli.errors import RunError, UsageError, first_line
+from atm_cli.errors import RunError, UsageError, first_line, param
 from atm_cli.model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME, complete_model_name
 
 from .other_libraries import is_other_library, load_other_library
@@ -66,18 +66,18 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+        raise UsageError(f"{param('device')} {device}: no CUDA device is available here (use cpu or auto)")
     try:
         return torch.device(device)
     except RuntimeError as error:
-        raise UsageError(f"--device {device}: {error}") from None
+        raise UsageError(f"{param('device')} {device}: {error}") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+        raise UsageError(f"{param('precision')} {precision}: choose from {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA device: the CPU runs float16 autocast slowly or not at all "
+        raise UsageError(f"{param('precision')} fp16 needs a CUDA device: the CPU runs float16 autocast slowly or not at all "
                          "(use bf16 on the CPU)")
     return precision
 
@@ -91,7 +91,7 @@ def resolve_compile(compile: str, device: torch.device) -> bool:
     compiling costs a minute per setting and the forward is bound by arithmetic. ("auto" leaves ATM, whose
     shapes follow the data, eager: `LoadedModel.compile_data_dependent`.)"""
     if compile not in COMPILE_MODES:
-        raise UsageError(f"--compile {compile}: choose from {', '.join(COMPILE_MODES)}")
+        raise UsageError(f"{param('compile')} {compile}: choose from {', '.join(COMPILE_MODES)}")
     return device.type == "cuda" if compile == "auto" else compile == "on"
 
 
@@ -124,8 +124,8 @@ def resolve_model_name(name: str, note: Callable[[str], None] | None = None) -> 
             raise UsageError(f"model folder {name} has no config.json (timm's format, as written by timm's save_for_hf)")
         return f"local-dir:{path.resolve()}"
     if path.exists() or any(separator in name for separator in ("/", "\\")):
-        raise UsageError(f"--model {name}: give a timm model name or a timm model folder; "
-                         "for a weights file use --model NAME --checkpoint FILE")
+        raise UsageError(f"{param('model')} {name}: give a timm model name or a timm model folder; "
+                         f"for a weights file use {param('model')} NAME {param('checkpoint')} FILE")
     name = complete_model_name(name, timm.list_models(), note)
     architecture, tag = split_model_name_tag(name)
     if not timm.is_model(architecture):
@@ -145,7 +145,7 @@ def _check_bundled_weights(timm_name: str) -> None:
         return
     cfg = get_pretrained_cfg(timm_name)
     if cfg is not None and cfg.file and not cfg.url and not cfg.hf_hub_id and not Path(cfg.file).is_file():
-        raise RunError(f"the weights of {timm_name} are missing: {cfg.file} (a broken install? --no-pretrained "
+        raise RunError(f"the weights of {timm_name} are missing: {cfg.file} (a broken install? {param('no_pretrained')} "
                        "runs with random weights)")
 
 
@@ -190,7 +190,7 @@ def _read_checkpoint(path: Path, unsafe: bool) -> dict:
         kept = _pickled_objects(path) if torch_file and not unsafe else None
         if kept is not None:
             raise UsageError(f"checkpoint {path} pickles more than weights{kept}; unpickling it runs code from "
-                             "the file: --unsafe-checkpoint loads it, if you trust the file") from None
+                             f"the file: {param('unsafe_checkpoint')} loads it, if you trust the file") from None
         # torch's own message about any other file would suggest weights_only=False, which cannot help.
         why = f": {first_line(error)}" if torch_file or path.suffix == ".safetensors" else ""
         raise UsageError(f"{path} is not a checkpoint (a .safetensors file or a state dict saved by torch.save)"
@@ -259,7 +259,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
     compiled = resolve_compile(compile, target)
     if checkpoint is not None:
         if not pretrained:
-            raise UsageError("--checkpoint loads weights; it contradicts --no-pretrained (random weights)")
+            raise UsageError(f"{param('checkpoint')} loads weights; it contradicts {param('no_pretrained')} (random weights)")
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise UsageError(f"checkpoint {checkpoint} does not exist")
@@ -285,7 +285,7 @@ def load_model(name: str = DEMO_MODEL_ALIAS, checkpoint: str | Path | None = Non
     except Exception as error:  # timm, safetensors, torch and the hub raise many kinds; all mean "cannot load"
         if fetch:
             raise RunError(f"could not load pretrained weights for {timm_name}: {first_line(error)} "
-                           "(offline? use --checkpoint FILE or --no-pretrained)") from None
+                           f"(offline? use {param('checkpoint')} FILE or {param('no_pretrained')})") from None
         raise RunError(f"could not create {timm_name}: {first_line(error)}") from None
     if state is not None:
         _load_fitting(model, state, checkpoint, timm_name)

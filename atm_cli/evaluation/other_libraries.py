@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from atm_cli.errors import RunError, UsageError, first_line
+from atm_cli.errors import RunError, UsageError, first_line, param
 
 HF_PREFIX, OPEN_CLIP_PREFIX = "hf:", "open_clip:"
 # transformers classes by what the evaluation reads from them: logits, or zero-shot logits (text and image towers).
@@ -38,7 +38,7 @@ def is_other_library(name: str) -> bool:
 def load_other_library(name: str, checkpoint: Path | None, pretrained: bool) -> OtherModel:
     if name.startswith(HF_PREFIX):
         if checkpoint is not None:
-            raise UsageError(f"--checkpoint is for timm and open_clip models; {name} loads the weights in its folder")
+            raise UsageError(f"{param('checkpoint')} is for timm and open_clip models; {name} loads the weights in its folder")
         return _load_transformers(name.removeprefix(HF_PREFIX), pretrained)
     return _load_open_clip(name.removeprefix(OPEN_CLIP_PREFIX), checkpoint, pretrained)
 
@@ -119,8 +119,8 @@ def _load_open_clip(source: str, checkpoint: Path | None, pretrained: bool) -> O
     if architecture not in open_clip.list_models():
         raise UsageError(f"open_clip has no model {architecture!r} (open_clip.list_models() lists them)")
     if pretrained and checkpoint is None and not tag:
-        raise UsageError(f"open_clip:{architecture}: give --checkpoint FILE, a pretrained tag "
-                         f"(open_clip:{architecture}:TAG) or --no-pretrained")
+        raise UsageError(f"open_clip:{architecture}: give {param('checkpoint')} FILE, a pretrained tag "
+                         f"(open_clip:{architecture}:TAG) or {param('no_pretrained')}")
     weights = str(checkpoint) if checkpoint is not None else tag if pretrained else None
     try:
         model = open_clip.create_model(architecture, pretrained=weights)
