@@ -251,17 +251,18 @@ def test_speed_goals_are_checked_before_any_work(tiny, flags, message):
     assert outcome.exit_code == 2 and message in outcome.output and len(outcome.output.strip().splitlines()) == 1
 
 
-def test_a_choice_that_measures_short_of_the_speedup_is_replaced_by_a_faster_trial(monkeypatch):
-    """The device runs every setting 10% slower than predicted: the first choice (more accurate) misses 1.25x,
-    so the target is raised by that bias and the faster trial, which then measures above 1.25x, is chosen."""
+def timed_choice(speedup: float, trials: dict[tuple[int, int], tuple[int, float]], monkeypatch):
+    """`time_choice` over hand-built trials {(tokens after block 1, after block 2): (right of 10, the device's
+    measured over predicted speedup)} on `linear_model`, the timing replaced by those ratios."""
     from types import SimpleNamespace
 
     from atm_cli.calibration.search import SearchResult
     from atm_cli.calibration.trials import Finished
 
     latency = linear_model(atm=StepCost(0.0, 0.0))
-    goal = speed_goal(latency, depth=2, speedup=1.25)
+    goal = speed_goal(latency, depth=2, speedup=speedup)
     space = SearchSpace(alpha=(0.8, 1.0), beta=(0.0, 0.05), theta_min=(0.8, 1.0), step=0.01)
+    unmerged = latency.unmerged_seconds(2)
 
     def trial(number: int, tokens: tuple[int, ...], right: int) -> Finished:
         correct = np.arange(10) < right
@@ -269,24 +270,35 @@ def test_a_choice_that_measures_short_of_the_speedup_is_replaced_by_a_faster_tri
         params = {"alpha": 1.0 - number / 100, "beta": 0.0, "theta_min": 0.8}
         return Finished(number, "complete", params, outcomes, goal.constraint(outcomes, outcomes) <= 0, hits=correct)
 
-    accurate, fast = trial(0, (18, 8, 4), right=9), trial(1, (18, 4, 2), right=8)  # predicted 1.29x and 1.40x
-    unmerged = latency.unmerged_seconds(2)
-    assert unmerged / goal.cost(accurate.outcomes) == pytest.approx(1.29, abs=0.01)
-    reference = trial(2, (18, 18, 18), right=10).outcomes
-    result = SearchResult(accurate, accurate, [accurate, fast], reference, goal, space, "paired", 10, 2, 0, 0, "t")
+    finished = [trial(i, (18, *after), right) for i, (after, (right, _)) in enumerate(trials.items())]
+    ratio = {space.config(t.params): bias for t, (_, bias) in zip(finished, trials.values())}
+    tokens_of = {space.config(t.params): (18, *after) for t, after in zip(finished, trials)}
 
-    def ten_percent_slow(loaded, images, configs, repeats, progress):
-        by_config = {space.config(t.params): t for t in (accurate, fast)}
+    def measured(loaded, images, configs, repeats, progress):
         speeds = []
         for config in configs:
-            tokens = by_config[config].outcomes.batches[0].tokens + (by_config[config].outcomes.batches[0].tokens_left,)
-            predicted = unmerged / latency.predict_seconds(tokens, "atm")
-            speeds.append(MeasuredSpeed(1.0, 1.0, 0.9 * predicted, 0.9 * predicted, 0.9 * predicted, repeats, tokens))
+            value = ratio[config] * unmerged / latency.predict_seconds(tokens_of[config], "atm")
+            speeds.append(MeasuredSpeed(1.0, 1.0, value, value, value, repeats, tokens_of[config]))
         return speeds
 
-    monkeypatch.setattr(speed_module, "measure_speedups", ten_percent_slow)
-    source = SimpleNamespace(loaded=None, batches=[(None, None)], depth=2)
-    chosen, check = speed_module.time_choice(source, result, latency)
-    assert chosen.best.number == fast.number and check.chosen.speedup >= 1.25
-    assert [trial for trial, _ in check.corrections] == [accurate.number]
-    assert check.corrections[0][1] == pytest.approx(0.9)
+    monkeypatch.setattr(speed_module, "measure_speedups", measured)
+    reference = trial(len(finished), (18, 18, 18), right=10).outcomes
+    best = goal.choose(finished, reference.correct)
+    result = SearchResult(best, best, finished, reference, goal, space, "paired", 10, len(finished), 0, 0, "t")
+    return speed_module.time_choice(SimpleNamespace(loaded=None, batches=[(None, None)], depth=2), result, latency)
+
+
+def test_a_choice_that_measures_short_of_the_speedup_is_replaced_by_a_faster_trial(monkeypatch):
+    """The device runs every setting 10% slower than predicted: the first choice (more accurate, predicted 1.29x)
+    misses 1.25x, so the target is raised by that bias and the faster trial (1.40x), measured above 1.25x, wins."""
+    chosen, check = timed_choice(1.25, {(8, 4): (9, 0.9), (4, 2): (8, 0.9)}, monkeypatch)
+    assert chosen.best.number == 1 and check.chosen.speedup >= 1.25
+    assert [(trial, round(bias, 6)) for trial, bias in check.corrections] == [(0, 0.9)]
+
+
+def test_corrections_start_from_the_goal_as_asked_and_do_not_compound(monkeypatch):
+    """Biases 0.9 then 0.85: the second choice needs a predicted 1.2 / 0.85 = 1.41x, which trial 2 (1.43x) has;
+    compounded (1.2 / 0.765 = 1.57x) no trial would qualify and the short second choice would stay."""
+    chosen, check = timed_choice(1.2, {(10, 6): (9, 0.9), (5, 4): (8, 0.85), (3, 2): (7, 0.9)}, monkeypatch)
+    assert [trial for trial, _ in check.corrections] == [0, 1]
+    assert chosen.best.number == 2 and check.chosen.speedup >= 1.2

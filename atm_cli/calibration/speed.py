@@ -97,18 +97,19 @@ def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, r
     """Time the chosen setting and the runner-up (the goal's next choice, of another setting) on the first
     tuning batch, interleaved with the unmerged model. When the chosen setting measures short of the speedup
     asked for, the prediction overshot here (the latency model's bias, the timed batch against all tuning
-    batches): the predicted target is raised by measured over predicted speedup and the goal chooses again
-    among the finished trials (at most `CORRECTIONS` times). Returns the result as finally
+    batches): the goal's predicted target is raised by that setting's measured over predicted speedup and
+    the goal chooses again among the finished trials (at most `CORRECTIONS` times). Returns the result as finally
     chosen and its timing; RunError when the chosen setting measured slower than the unmerged model:
     calibration then returns no merging."""
     corrections: list[tuple[int, float]] = []
+    asked_goal = result.goal  # each correction starts from the goal as asked: the biases do not compound
     while True:
         check = _timed(source, result, latency, repeats, progress, tuple(corrections))
         asked = result.goal.speedup
         bias = check.chosen.speedup / check.predicted_speedup  # measured over what the goal constrained
         if asked is None or check.chosen.speedup >= asked or len(corrections) == CORRECTIONS or bias >= 1:
             break
-        rechosen = _rechoose(result, dataclasses.replace(result.goal, target_seconds=result.goal.target_seconds * bias))
+        rechosen = _rechoose(result, dataclasses.replace(asked_goal, target_seconds=asked_goal.target_seconds * bias))
         if rechosen is None:
             break
         corrections.append((result.best.number, bias))
