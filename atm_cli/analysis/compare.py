@@ -27,7 +27,7 @@ from ..calibration import BudgetGoal, RangeFlags, SearchSpace, search_on
 from ..calibration.goals import CappedGoal, LatencyGoal
 from ..calibration.seeding import first_batches
 from ..calibration.speed import FIT_SETTINGS, fit_settings
-from ..engine import MethodConfig
+from ..engine import ATMConfig, MethodConfig
 from ..errors import Interruptible, UsageError
 from ..evaluation import Outcomes, Workload, describe_method
 from ..evaluation.latency import MeasuredSpeed, device_latency
@@ -65,10 +65,13 @@ def time_unit(workload: Workload, fits: dict[str, Sequence[MethodConfig]],
     def predicted(config: MethodConfig, run: Outcomes) -> float:
         return latency.outcomes_seconds(run, config.NAME)
 
-    def goal(limit: float, share: float) -> CappedGoal:
-        return LatencyGoal(limit, predict=lambda run: latency.outcomes_seconds(run, "atm"), speedup=1 / share)
+    unmerged = latency.unmerged_seconds(workload.depth)
 
-    return BudgetUnit(By.TIME, latency.unmerged_seconds(workload.depth), predicted, goal)
+    def goal(limit: float, share: float) -> CappedGoal:
+        return LatencyGoal(limit, predict=lambda run: latency.outcomes_seconds(run, ATMConfig.NAME),
+                           unmerged_seconds=unmerged, speedup=1 / share)
+
+    return BudgetUnit(By.TIME, unmerged, predicted, goal)
 
 
 def step_fits(methods: Sequence[str], known: dict[str, Ladder], space: SearchSpace,

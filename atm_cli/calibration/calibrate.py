@@ -10,52 +10,32 @@ import optuna
 
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import RunError, UsageError
-from atm_cli.evaluation import (Comparison, LoadedModel, Outcomes, Workload, load_image_folder, load_model, load_unlabelled_images,
-                                preload)
+from atm_cli.evaluation import (Comparison, ImageSet, LoadedModel, Outcomes, Workload, load_image_folder, load_model,
+                                load_unlabelled_images, preload)
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
 from atm_cli.model_names import DEMO_MODEL_NAME
 from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
 
-from .goals import RULES, AgreementGoal, BudgetGoal, CappedGoal, Goal, LatencyGoal, NoDropGoal
+from .goals import RULES, AgreementGoal, BudgetGoal, Goal, LatencyGoal, NoDropGoal
 from .ranges import RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
-from .seeding import check_budget, constant_for_budget, constant_for_floor, reachable_gflops
+from .seeding import check_budget
 from .space import SearchSpace
-from .speed import SpeedCheck, check_reachable, latency_for, speed_goal, time_choice
+from .speed import SpeedCheck, latency_for, speed_goal, time_choice
 from .study import claim_seeding, finish_seeding, open_storage, open_study, redact
 
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
 KNOWN_GOOD = 2  # bundled presets enqueued as the first trials
 PROBE_BATCHES = 1  # batches a trial runs before its GFLOPs are checked against the goal
-SEED_TRIES = 4  # constants tried for a budget before the search goes on without one
-SPEND = 0.9  # a budget search's choice should use at least this share of the budget (else it says why)
 
 
 def seed_constant(search: Search, study: optuna.Study, n_trials: int,
                   on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
-    """The constant threshold that meets the goal (see `seeding`), run as the study's first trials; None when
-    none did. Only a fresh study is
-    seeded: a resumed one already ran its seeds.
-
-    For a budget, a constant chosen on the first batches may exceed the budget on the whole set
-    (batches differ in GFLOPs); the next try aims at the budget scaled by the ratio of the first
-    batches' GFLOPs to the whole set's that the last try showed.
-    """
+    """The constant threshold that meets the goal (`Goal.seed`), run as the study's first trials; None when none
+    did. Only a fresh study is seeded: a resumed one already ran its seeds."""
     if not claim_seeding(study):  # another process seeds it, or it is seeded
         return None
-    goal = search.goal
-    if not isinstance(goal, CappedGoal):
-        return constant_for_floor(search, study, n_trials, on_trial)
-    aim, known = goal.budget, {}
-    for _ in range(SEED_TRIES):
-        constant, _ = constant_for_budget(search.source, search.space, aim, search.probe_batches, known, goal.cost)
-        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
-        if trial is None or trial.state != "complete":
-            return None
-        if trial.feasible:
-            return constant
-        aim = goal.budget * goal.cost(trial.outcomes.first(search.probe_batches)) / goal.cost(trial.outcomes)
-    return None
+    return search.goal.seed(search, study, n_trials, on_trial)
 
 
 def search_on(workload: Workload, goal: Goal, space: SearchSpace, n_trials: int = 30, seed: int | None = 0,
@@ -77,27 +57,14 @@ def search_on(workload: Workload, goal: Goal, space: SearchSpace, n_trials: int 
 
 
 def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> list[ATMConfig]:
-    """Bundled ATM presets for this model (and these weights) nearest the goal: made for the same goal
-    first, then by what they measured when made (GFLOPs share just under the budget; or the smallest
-    top-1 drop). None for a time goal: a preset's GFLOPs do not say its time on this device."""
-    if isinstance(goal, LatencyGoal):
-        return []
+    """Bundled ATM presets for this model (and these weights) nearest the goal (`Goal.nearness`): made for the same
+    goal first, then by what they measured when made. None for a time goal: a preset's GFLOPs do not say its
+    time on this device."""
     presets = [p for p in list_presets(loaded.name, loaded.checkpoint_sha256)
-               if p.method_name == "atm" and p.measured.baseline_gflops]
-
-    def ratio(p: Preset) -> float:
-        return p.measured.gflops / p.measured.baseline_gflops
-
-    def nearness(p: Preset) -> tuple:
-        if isinstance(goal, BudgetGoal):
-            return (goal.target_gflops / reference_gflops - ratio(p),)
-        return max(0.0, p.measured.baseline_top1 - p.measured.top1 - goal.tolerance), ratio(p)
-
-    if isinstance(goal, BudgetGoal):
-        candidates = [p for p in presets if ratio(p) <= goal.target_gflops / reference_gflops]
-    else:
-        candidates = [p for p in presets if p.measured.top1 is not None and p.measured.baseline_top1 is not None]
-    chosen = sorted(candidates, key=lambda p: (p.provenance.target != goal.describe(), *nearness(p)))
+               if p.method_name == ATMConfig.NAME and p.measured.baseline_gflops
+               and goal.nearness(p.measured, reference_gflops) is not None]
+    chosen = sorted(presets, key=lambda p: (not goal.is_named_by(p.provenance.target),
+                                            *goal.nearness(p.measured, reference_gflops)))
     return [p.method for p in chosen[:KNOWN_GOOD]]
 
 
@@ -169,12 +136,27 @@ class CalibrationRequest:
         """A time goal: built once the device's latency model is measured (`speed.speed_goal`)."""
         return self.target_speedup is not None or self.target_latency_ms is not None
 
+    @property
+    def goal_key(self) -> str:
+        """The key of the goal asked for (`Goal.key`), known before the model loads (default study names hold it)."""
+        if self.no_drop:
+            return NoDropGoal.key_of(self.tolerance)
+        if self.min_agreement is not None:
+            return AgreementGoal.key_of(self.min_agreement)
+        if self.speed:
+            return LatencyGoal.key_of(self.target_speedup, self.target_latency_ms)
+        return BudgetGoal.key_of(self.target_gflops, self.target_reduction)
+
     def goal(self, unmerged_gflops: float) -> Goal:
+        """The goal asked for, other than a time goal; a budget not below the unmerged model's GFLOPs is refused."""
         if self.no_drop:
             return NoDropGoal(self.tolerance)
         if self.min_agreement is not None:
             return AgreementGoal(agreement=self.min_agreement)
-        return BudgetGoal(self.target_gflops or unmerged_gflops * (1 - self.target_reduction / 100))
+        budget = BudgetGoal(self.target_gflops or unmerged_gflops * (1 - self.target_reduction / 100),
+                            reduction=self.target_reduction)
+        check_budget(budget.target_gflops, unmerged_gflops)
+        return budget
 
 
 @dataclass
@@ -194,28 +176,12 @@ class CalibrationReport:
     compiled: bool = False  # the model ran through torch.compile (--compile)
     compile_seconds: float = 0.0  # compiling while the search and the report ran (left out of every speed)
 
-    @property
-    def budget_note(self) -> str | None:
-        """Why a budget search chose a setting more than 10% below its budget (None: it spent the budget)."""
-        goal, best = self.result.goal, self.result.best
-        if not isinstance(goal, BudgetGoal) or best.gflops >= SPEND * goal.target_gflops:
-            return None
-        closer = [t for t in self.result.trials if t.state == "complete" and t.feasible
-                  and t.gflops >= SPEND * goal.target_gflops]
-        if not closer:
-            return (f"no complete trial used {100 * SPEND:g}-100% of the budget, so trial {best.number} at "
-                    f"{best.gflops:.4g} GFLOPs was the closest; run more trials to fill the gap")
-        near = max(closer, key=lambda t: (t.top1, t.gflops))
-        return (f"trial {best.number} ({best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs) scores higher by more "
-                f"than chance than every trial within {100 * (1 - SPEND):g}% of the budget (best of them: trial "
-                f"{near.number}, {near.top1:.2f}% at {near.gflops:.4g} GFLOPs)")
-
     def to_dict(self) -> dict:
         r, t = self.reported, self.tuning
         best, argmax = self.result.best, self.result.argmax
         return {
             "model": self.preset.model.name,
-            "goal": self.result.goal.describe(),
+            "goal": self.result.goal.describe(), "goal_key": self.result.goal.key,
             "params": self.config.to_params(),
             "top1": r.top1, "top5": r.top5, "gflops": r.gflops, "agreement": r.agreement,
             "baseline_top1": r.baseline_top1, "baseline_top5": r.baseline_top5, "baseline_gflops": r.baseline_gflops,
@@ -227,7 +193,7 @@ class CalibrationReport:
             "rule": self.result.rule,
             "best_trial": best.number,
             "argmax_trial": argmax.number if argmax is not None else None,
-            "budget_note": self.budget_note,
+            "budget_note": self.result.goal.note(self.result),
             "constant_threshold": self.constant.alpha if self.constant is not None else None,
             "search_space": self.result.space.to_dict(),
             "n_trials": len(self.result.trials),
@@ -256,20 +222,10 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
     storage = open_storage(request.storage)  # a storage problem is found before the model and data load
     loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
                         unsafe_checkpoint=request.unsafe_checkpoint, compile=request.compile)
-    demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
-    if request.data is None and not demo_defaults:
-        raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
-    data = DEMO_CALIB_DATA if demo_defaults else request.data
-    eval_data = DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
-    goal = None if request.speed else request.goal(loaded.unmerged_gflops)
-    if isinstance(goal, BudgetGoal):
-        check_budget(goal.target_gflops, loaded.unmerged_gflops)
-
+    data, eval_data = _folders(request, loaded)
+    goal = None if request.speed else request.goal(loaded.unmerged_gflops)  # a time goal needs the latency model
     stage(f"loading images from {data}")
-    if goal is not None and goal.label_free:  # any folder of images: labels, where there are any, are not read
-        images = load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
-    else:
-        images = load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
+    images = _tuning_images(request, loaded, data, label_free=goal is not None and goal.label_free)
     # Trials see the images in a fixed random order (see ImageSet.in_fixed_random_order); the report below
     # measures in the folder's order, as `atm eval` does (ATM's r depends on which images share a batch).
     source = Workload(loaded, preload(images.in_fixed_random_order(), request.batch_size, request.workers,
@@ -282,28 +238,13 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         stage(f"timing the model on {loaded.device}")
         latency = latency_for(source, space, request.latency_cache)
         goal = speed_goal(latency, source.depth, request.target_speedup, request.target_latency_ms)
-        check_reachable(goal, source, space, latency.unmerged_seconds(source.depth))
-    setup = {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
-             "order": "fixed-random", "batch_size": request.batch_size, "goal": goal.describe(),
-             "space": space.to_dict()}
-    study = open_study(storage, request.study_name, goal, setup, request.seed, request.n_trials)
+    stage("checking what the ranges reach")
+    reachable = goal.check_reachable(source, space)
+    study = open_study(storage, request.study_name, goal, _setup(request, loaded, images, space), request.seed,
+                       request.n_trials)
 
     with interruptible(study):  # Ctrl-C anywhere from here on says how many trials are kept
-        cached = study.user_attrs.get(REFERENCE_ATTR)
-        if cached is not None:
-            reference = Outcomes.from_record(cached)
-        else:
-            stage("running the unmerged model")
-            reference = source.run(None)
-            study.set_user_attr(REFERENCE_ATTR, reference.to_record())
-
-        reachable = None
-        if isinstance(goal, BudgetGoal):
-            stage("checking which GFLOPs the ranges reach")
-            low, high, _ = reachable_gflops(source, space)
-            reachable = (low, high)
-            check_budget(goal.target_gflops, reference.gflops, reachable)
-
+        reference = _reference(study, source, stage)
         search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
         stage("seeding with a constant threshold")
         constant = seed_constant(search, study, request.n_trials, on_trial)
@@ -319,32 +260,71 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
             result, speed = time_choice(source, result, latency)
             config = result.best_config
         forward_passes = range_passes + source.images_run
-
         tuning = Measured.of(Comparison(result.best.outcomes, reference, images.labelled), images.source,
                              images.fingerprint, request.limit)
         shared = eval_data is None or Path(eval_data).resolve() == Path(data).resolve()
         report_images = images if shared else load_image_folder(eval_data, loaded)
         stage(f"measuring the best setting on {report_images.root}")
-        report_source = Workload(loaded, preload(report_images, request.batch_size, request.workers, loaded.device),
-                                 report_images.source)
-        run = Comparison(report_source.run(config), report_source.baseline, report_images.labelled)
-        report_passes = report_source.images_run
-        reported = Measured.of(run, report_images.source, report_images.fingerprint, request.limit if shared else None)
+        reported, report_source = _measure(config, report_images, request, loaded, request.limit if shared else None)
 
     preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials), speed)
     if request.out is not None:
-        try:
-            save_preset(preset, request.out)
-        except OSError as error:  # checked writable before the work: a disk that filled during it
-            kept = f"the trials are kept in {redact(request.storage)} (study {result.study_name})" if request.storage \
-                else "no --storage kept the trials"
-            raise RunError(f"cannot write the preset to {request.out}: {error.strerror or error}; the chosen setting "
-                           f"is {config.to_params()}, {kept}") from None
+        _save(preset, request, result, config)
     return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
                              shared_images=shared, reachable_gflops=reachable, constant=constant,
-                             forward_passes=forward_passes, report_forward_passes=report_passes, preset=preset,
-                             speed=speed, compiled=loaded.compiled,
+                             forward_passes=forward_passes, report_forward_passes=report_source.images_run,
+                             preset=preset, speed=speed, compiled=loaded.compiled,
                              compile_seconds=source.compile_seconds + report_source.compile_seconds)
+
+
+def _folders(request: CalibrationRequest, loaded: LoadedModel) -> tuple[Path, Path | None]:
+    """The images to tune on and those to report on (None: the same); atm-demo's bundled ones by default."""
+    demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
+    if request.data is None and not demo_defaults:
+        raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
+    data = DEMO_CALIB_DATA if demo_defaults else request.data
+    return data, DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
+
+
+def _tuning_images(request: CalibrationRequest, loaded: LoadedModel, data: Path, label_free: bool) -> ImageSet:
+    if label_free:  # any folder of images: labels, where there are any, are not read
+        return load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
+    return load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
+
+
+def _setup(request: CalibrationRequest, loaded: LoadedModel, images: ImageSet, space: SearchSpace) -> dict:
+    """What a resumed study must have been started with (`open_study` adds the goal)."""
+    return {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
+            "order": "fixed-random", "batch_size": request.batch_size, "space": space.to_dict()}
+
+
+def _reference(study: optuna.Study, source: Workload, stage: Callable[[str], None]) -> Outcomes:
+    """The unmerged model on the tuning images, cached in the study for resuming processes."""
+    cached = study.user_attrs.get(REFERENCE_ATTR)
+    if cached is not None:
+        return Outcomes.from_record(cached)
+    stage("running the unmerged model")
+    reference = source.run(None)
+    study.set_user_attr(REFERENCE_ATTR, reference.to_record())
+    return reference
+
+
+def _measure(config: ATMConfig, images: ImageSet, request: CalibrationRequest, loaded: LoadedModel,
+             limit: int | None) -> tuple[Measured, Workload]:
+    """`config` beside the unmerged model on `images` in the folder's order, and the workload that ran them."""
+    workload = Workload(loaded, preload(images, request.batch_size, request.workers, loaded.device), images.source)
+    run = Comparison(workload.run(config), workload.baseline, images.labelled)
+    return Measured.of(run, images.source, images.fingerprint, limit), workload
+
+
+def _save(preset: Preset, request: CalibrationRequest, result: SearchResult, config: ATMConfig) -> None:
+    try:
+        save_preset(preset, request.out)
+    except OSError as error:  # checked writable before the work: a disk that filled during it
+        kept = f"the trials are kept in {redact(request.storage)} (study {result.study_name})" if request.storage \
+            else "no --storage kept the trials"
+        raise RunError(f"cannot write the preset to {request.out}: {error.strerror or error}; the chosen setting "
+                       f"is {config.to_params()}, {kept}") from None
 
 
 def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import optuna
@@ -27,11 +27,14 @@ from atm_cli.engine import ATMConfig
 from atm_cli.errors import RunError
 from atm_cli.evaluation import BatchOutcome, Outcomes
 
-from .goals import Goal, Standing
 from .space import SearchSpace
+from .stats import Standing
 from .study import InterruptsOutsideTrials, SurplusTrial, up_to
 from .trials import (CONSTRAINT, FINISHED, REASON_ATTR, REPEATS_ATTR, SETTING_ATTR, WORKER, WORKER_ATTR, Finished,
                      has_outcomes, record, setting_key)
+
+if TYPE_CHECKING:
+    from .goals import Goal  # the goals run their steps through the search
 
 # GFLOPs estimated from part of the data may be off by this much, plus twice the spread of the
 # ratios complete trials showed; before any trial completes, by UNPROFILED_SLACK (a batch of

@@ -5,11 +5,13 @@ it; seeded as a trial, it makes ATM's result never worse than the constant found
 images. Along the space's constants (from the least merging down) GFLOPs fall, so for a budget
 the constant is found by bisection on the GFLOPs of the first batches (they settle on a batch or
 two); for a top-1 floor by bisection on whether the trial meets it, each step a trial of the study.
+Each goal picks its way (`Goal.seed`).
 """
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -20,7 +22,11 @@ from atm_cli.evaluation import Outcomes
 from .search import GFLOPS_SLACK, BatchSource, Search, TrialEvent
 from .space import SearchSpace
 
+if TYPE_CHECKING:
+    from .goals import CappedGoal
+
 FLOOR_LADDER = 32  # the constants a floor's bisection chooses among (about five trials)
+SEED_TRIES = 4  # constants tried for a budget before the search goes on without one
 
 
 def first_batches(source: BatchSource, config: ATMConfig, n_batches: int) -> Outcomes:
@@ -88,3 +94,24 @@ def constant_for_floor(search: Search, study: optuna.Study, n_trials: int,
         else:
             failed = middle
     return best
+
+
+def constant_within_budget(goal: CappedGoal, search: Search, study: optuna.Study, n_trials: int,
+                           on_trial: Callable[[TrialEvent], None] | None = None) -> ATMConfig | None:
+    """The least-merging constant threshold within the goal's budget on every image, run as a trial of the study
+    (None: none was, in SEED_TRIES tries).
+
+    A constant chosen on the first batches may exceed the budget on the whole set (batches differ in
+    cost); the next try aims at the budget scaled by the ratio of the first batches' cost to the whole
+    set's that the last try showed.
+    """
+    aim, known = goal.budget, {}
+    for _ in range(SEED_TRIES):
+        constant, _ = constant_for_budget(search.source, search.space, aim, search.probe_batches, known, goal.cost)
+        trial = None if constant is None else search.try_setting(study, constant, n_trials, on_trial, unpruned=True)
+        if trial is None or trial.state != "complete":
+            return None
+        if trial.feasible:
+            return constant
+        aim = goal.budget * goal.cost(trial.outcomes.first(search.probe_batches)) / goal.cost(trial.outcomes)
+    return None

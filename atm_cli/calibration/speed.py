@@ -18,7 +18,6 @@ from atm_cli.evaluation.latency import LatencyModel, MeasuredSpeed, device_laten
 
 from .goals import LatencyGoal
 from .search import SearchResult
-from .seeding import first_batches
 from .space import SearchSpace
 
 FIT_SETTINGS = 4  # constant thresholds of the space that ATM's step cost is fitted on
@@ -38,8 +37,8 @@ def fit_settings(space: SearchSpace, depth: int) -> list[ATMConfig]:
 def latency_for(source: Workload, space: SearchSpace, folder: Path | None = None,
                 progress: Callable[[int, int], None] | None = None) -> LatencyModel:
     """The latency model at the search's batch size (cached), with ATM's step cost fitted on the first batch."""
-    return device_latency(source.loaded, source.batches[0][0], {"atm": fit_settings(space, source.depth)}, folder,
-                          progress)
+    return device_latency(source.loaded, source.batches[0][0], {ATMConfig.NAME: fit_settings(space, source.depth)},
+                          folder, progress)
 
 
 def speed_goal(latency: LatencyModel, depth: int, speedup: float | None = None,
@@ -50,17 +49,8 @@ def speed_goal(latency: LatencyModel, depth: int, speedup: float | None = None,
     if target >= unmerged:
         raise UsageError(f"--target-latency-ms {latency_ms:g} is not below the unmerged model's predicted "
                          f"{1e3 * unmerged:.4g} ms per batch here: nothing to search")
-    return LatencyGoal(target, predict=lambda outcomes: latency.outcomes_seconds(outcomes, "atm"), speedup=speedup)
-
-
-def check_reachable(goal: LatencyGoal, source: Workload, space: SearchSpace, unmerged_seconds: float) -> None:
-    """Refuse a time the most-merging setting in range is not predicted to reach (on the first batch)."""
-    most = goal.cost(first_batches(source, space.extremes()[0], 1))
-    if goal.target_seconds < most:
-        raise UsageError(f"the goal ({goal.describe()}) asks for {1e3 * goal.target_seconds:.4g} ms per batch; the "
-                         f"most merging setting in range is predicted at {1e3 * most:.4g} ms "
-                         f"({unmerged_seconds / most:.2f}x) on the first batch (widen the ranges, e.g. "
-                         "--theta-min-range)")
+    return LatencyGoal(target, predict=lambda outcomes: latency.outcomes_seconds(outcomes, ATMConfig.NAME),
+                       unmerged_seconds=unmerged, speedup=speedup, latency_ms=latency_ms)
 
 
 @dataclass(frozen=True)
@@ -142,6 +132,6 @@ def _timed(source: Workload, result: SearchResult, latency: LatencyModel, repeat
     unmerged = latency.unmerged_seconds(source.depth)
     key = latency.key
     return SpeedCheck(key.device, key.batch_size, key.precision, key.compiled, unmerged / goal.cost(best.outcomes),
-                      unmerged / latency.predict_seconds(speeds[0].tokens, "atm"), speeds[0],
+                      unmerged / latency.predict_seconds(speeds[0].tokens, ATMConfig.NAME), speeds[0],
                       None if runner_up is None else runner_up.number, speeds[1] if runner_up is not None else None,
                       corrections)

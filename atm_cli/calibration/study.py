@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -31,8 +31,10 @@ from optuna.trial import TrialState
 
 from atm_cli.errors import UsageError
 
-from .goals import Goal
 from .trials import FINISHED, SETUP_ATTR, WORKER, WORKER_ATTR
+
+if TYPE_CHECKING:
+    from .goals import Goal
 
 # A process that dies mid-trial leaves it RUNNING; with a heartbeat, the next process marks it failed.
 HEARTBEAT_SECONDS = 30
@@ -42,8 +44,9 @@ CREATE_TRIES = 5  # processes creating one RDB's tables at once: all but one fai
 # How SQLite and PostgreSQL report a table, or a unique row, that another process created a moment earlier.
 CREATE_RACE_SIGNS = ("already exists", "duplicate key", "UNIQUE constraint failed")
 SETUP_WAIT_SECONDS = 10  # a process that lost the create race waits this long for the winner's setup
-SQLITE_TIMEOUT_SECONDS = 60
-NAMELESS_SECONDS = 2  # a running trial with no worker named this long after its start was left by a killed process  # several processes on one SQLite file wait for its lock, not fail
+SQLITE_TIMEOUT_SECONDS = 60  # several processes on one SQLite file wait for its lock, not fail
+GOAL_SETUP = "goal"  # the setup's entry that names the study's goal (`Goal.key`)
+NAMELESS_SECONDS = 2  # a running trial with no worker named this long after its start was left by a killed process
 
 
 def _say(message: str) -> None:
@@ -176,8 +179,8 @@ def _is_record(line: bytes) -> bool:
 
 def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, setup: dict[str, Any],
                seed: int | None, n_trials: int) -> optuna.Study:
-    """Create the study, or load it when it exists and was started with the same setup."""
-    setup = json.loads(json.dumps(setup))  # as the storage returns it (tuples become lists)
+    """Create the study, or load it when it exists and was started with the same setup and goal."""
+    setup = json.loads(json.dumps({**setup, GOAL_SETUP: goal.key}))  # as the storage returns it (tuples: lists)
     existing = None
     if storage is not None and study_name is not None:
         try:
@@ -185,7 +188,7 @@ def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, 
         except KeyError:
             existing = None
     if existing is not None:
-        _check_same_setup(_wait_for_setup(existing), study_name, setup)
+        _check_same_setup(_wait_for_setup(existing), study_name, setup, goal)
         fail_dead_trials(existing)
     # Resumed or extra processes draw other random start points than the first one did.
     started = 0 if existing is None else len(existing.get_trials(deepcopy=False))
@@ -206,7 +209,7 @@ def open_study(storage: BaseStorage | None, study_name: str | None, goal: Goal, 
         study = optuna.create_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another process created it meanwhile
         study = optuna.create_study(**kwargs, load_if_exists=True)
-        _check_same_setup(_wait_for_setup(study), study_name, setup)
+        _check_same_setup(_wait_for_setup(study), study_name, setup, goal)
         return study
     study.set_user_attr(SEEDING_ATTR, {"by": WORKER, "done": False})  # before the setup: joiners wait for that
     study.set_user_attr(SETUP_ATTR, setup)
@@ -221,10 +224,12 @@ def _wait_for_setup(study: optuna.Study) -> optuna.Study:
     return study
 
 
-def _check_same_setup(study: optuna.Study, study_name: str | None, setup: dict[str, Any]) -> None:
+def _check_same_setup(study: optuna.Study, study_name: str | None, setup: dict[str, Any], goal: Goal) -> None:
     stored = study.user_attrs.get(SETUP_ATTR)
     if stored is None:
         return
+    if goal.is_named_by(stored.get(GOAL_SETUP)):  # a study made before goals had keys stored the goal's prose
+        stored = {**stored, GOAL_SETUP: goal.key}
     differs = [key for key in sorted(set(stored) | set(setup)) if stored.get(key) != setup.get(key)]
     if differs:
         key = differs[0]

@@ -109,10 +109,7 @@ def command(
     console = Console(stderr=True)
     request.model = options.resolve_model(console, model)
     if storage is not None and study_name is None:
-        goal = "no-drop" if no_drop else f"agreement-{min_agreement}" if min_agreement is not None else \
-            f"speedup-{target_speedup}" if target_speedup else f"latency-{target_latency_ms}ms" if target_latency_ms \
-            else f"gflops-{target_gflops}" if target_gflops else f"reduction-{target_reduction}"
-        request.study_name = study_name = f"atm-calibrate-{request.model}-{goal}"
+        request.study_name = study_name = f"atm-calibrate-{request.model}-{request.goal_key}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
     try:
@@ -207,8 +204,8 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
         console.print(f"chose trial {chosen.number} ({chosen.gflops:.4g} GFLOPs on the tuning images) over the plain "
                       f"best on them, trial {argmax.number} ({argmax.gflops:.4g} GFLOPs): the paired test does not "
                       "tell them apart", highlight=False)
-    if report.budget_note:
-        console.print(f"note: {report.budget_note}", highlight=False)
+    if result["budget_note"]:
+        console.print(f"note: {result['budget_note']}", highlight=False)
     if report.speed is not None:
         _print_speed(console, report)
     if report.reachable_gflops:
