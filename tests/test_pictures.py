@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from atm_cli.analysis.probe import merge_only_in, plot_probe, probe
-from atm_cli.analysis.visualize import load_pictures, plot_tokens_per_block, tokens_chart, visualize
+from atm_cli.analysis.visualize import load_pictures, plot_tokens_per_block, visualize
+from atm_cli.cli.charts import tokens_chart
 from atm_cli.cli.app import app
 from atm_cli.engine import ATMConfig, ToMeConfig, last_trace, merging, patch, threshold_schedule, unpatch
 from atm_cli.evaluation import DEMO_CALIB_DATA, DEMO_EVAL_DATA, load_image_folder, preload

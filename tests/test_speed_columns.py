@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from atm_cli.analysis import compare as compare_module
-from atm_cli.analysis import stress as stress_module
+from atm_cli.analysis import timing as stress_module
 from atm_cli.cli.app import app
 from atm_cli.engine import last_trace, merging, method_config
 from atm_cli.engine.compiled import CompiledModel

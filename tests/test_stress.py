@@ -9,7 +9,7 @@ import torch
 from timm.utils import accuracy
 from typer.testing import CliRunner
 
-from atm_cli.analysis import stress as stress_module
+from atm_cli.analysis import timing as stress_module
 from atm_cli.analysis.compare import compare
 from atm_cli.analysis.stress import climb, ladders, largest_passing_step, required_correct, stress
 from atm_cli.cli.app import app

@@ -1,7 +1,7 @@
 """Accuracy against GFLOPs for several methods over a range of budgets (paper Fig. 4), on the same batches.
 
 A budget is a share of the unmerged model's GFLOPs. ToMe and the Fig. 5 schedules take, at each
-budget, the least merging on their ladder (see `stress`) that fits it: GFLOPs fall monotonically
+budget, the least merging on their ladder (`ladders`) that fits it: GFLOPs fall monotonically
 along a top-r ladder, so bisection on GFLOPs (estimated on the first batch, where ToMe's count is
 already exact) finds that step, and a run on every batch confirms it; a data-dependent ladder (the
 constant threshold, on ATM's threshold grid) steps on while the full run still exceeds the budget.
@@ -13,29 +13,27 @@ device, predicted from a run's token counts by the device's latency model (`eval
 cached; each method's step cost fitted on a few of its settings), as `atm calibrate --target-speedup`
 constrains its trials: cheap and deterministic, where timing every step tried would be neither. Fewer
 tokens are predicted faster, so the same bisection holds along a ladder. Either way every point is then
-timed for real beside the unmerged model (`stress.timed`), and that measured speedup is what the
+timed for real beside the unmerged model (`timing.timed`), and that measured speedup is what the
 report shows (a point may measure short of its budget by the model's error).
 """
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..calibration import BudgetGoal, RangeFlags, SearchSpace, search_on
 from ..calibration.goals import CappedGoal, LatencyGoal
-from ..calibration.seeding import first_batches
 from ..calibration.speed import FIT_SETTINGS, fit_settings
 from ..engine import ATMConfig, MethodConfig
-from ..errors import Interruptible, UsageError
+from ..errors import UsageError
 from ..evaluation import Outcomes, Workload, describe_method
 from ..evaluation.latency import MeasuredSpeed, device_latency
-from ..paper import BUDGETS
+from ..paper import BUDGETS, METHODS
+from .ladders import (ATM, ChosenSetting, Cost, Ladder, OnBaseline, Progress, answer_atm_last, check_methods,
+                      config_class, gflops_of, ladders, least_merging_within)
 from .plotting import pyplot, save_figure
-from .stress import METHODS, By, ChosenSetting, OnBaseline, Ladder, Timing, check_methods, ladders, timed
-
-Cost = Callable[[MethodConfig, Outcomes], float]  # a setting's run, in the budget's unit
+from .timing import By, Timing
 
 
 @dataclass(frozen=True)
@@ -46,10 +44,6 @@ class BudgetUnit:
     unmerged: float  # the unmerged model's, in that unit
     cost: Cost
     goal: Callable[[float, float], CappedGoal]  # ATM's search goal for (limit, share)
-
-
-def gflops_of(config: MethodConfig, run: Outcomes) -> float:
-    return run.gflops
 
 
 def gflops_unit(workload: Workload) -> BudgetUnit:
@@ -80,8 +74,8 @@ def step_fits(methods: Sequence[str], known: dict[str, Ladder], space: SearchSpa
     constant threshold ATM's, fitted on the space's constants as `atm calibrate --target-speedup` fits it."""
     fits: dict[str, list[MethodConfig]] = {}
     for name in methods:
-        settings = fit_settings(space, depth) if name in ("atm", "threshold") else spread(known[name])
-        fits.setdefault(settings[0].NAME, settings)
+        cls = config_class(name, known)
+        fits.setdefault(cls.NAME, fit_settings(space, depth) if cls is ATMConfig else spread(known[name]))
     return fits
 
 
@@ -130,33 +124,9 @@ class CompareReport(OnBaseline):
                 "interrupted": self.interrupted}
 
 
-def least_merging_within(workload: Workload, ladder: Ladder, limit: float,
-                         cost: Cost = gflops_of) -> tuple[int, Outcomes] | None:
-    """The smallest ladder step whose cost (GFLOPs, or predicted time) on all batches is <= `limit`, and its
-    run (None: none fits)."""
-    estimates: dict[int, float] = {}
-
-    def estimate(step: int) -> float:
-        if step not in estimates:
-            config = ladder.config(step)
-            estimates[step] = cost(config, workload.run(config, max_batches=1))
-        return estimates[step]
-
-    if estimate(ladder.top) > limit:
-        return None
-    # The least merging step that fits (the top one does; step 0 merges nothing): the cost falls along a ladder.
-    fits = 1 + bisect.bisect_left(range(1, ladder.top), True, key=lambda step: estimate(step) <= limit)
-    for step in range(fits, ladder.top + 1):
-        config = ladder.config(step)
-        run = workload.run(config)
-        if cost(config, run) <= limit:
-            return step, run
-    return None
-
-
 def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Sequence[float] = BUDGETS,
             n_trials: int = 30, seed: int = 0, ranges: RangeFlags = RangeFlags(),
-            progress: Callable[[int, int], None] | None = None, keep_partial: bool = False, by: By = By.GFLOPS,
+            progress: Progress | None = None, keep_partial: bool = False, by: By = By.GFLOPS,
             latency_folder: str | Path | None = None) -> CompareReport:
     """Top-1, GFLOPs and measured speedup of each method at each budget (a share of the unmerged model's
     GFLOPs, or `by` time of its predicted time per batch; `latency_folder`: the latency model's cache).
@@ -177,28 +147,11 @@ def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Seque
     baseline = workload.baseline
     unit = gflops_unit(workload) if by is By.GFLOPS else time_unit(
         workload, step_fits(methods, known, space, workload.depth), latency_folder)
-    points: dict[tuple[str, float], ComparePoint] = {}
-    speeds: dict[MethodConfig, MeasuredSpeed] = {}  # a setting chosen at several budgets is timed once
-    total = len(methods) * len(budgets)
-    with Interruptible(keep_partial) as stop:
-        for method in sorted(methods, key=lambda name: name == "atm"):  # ATM last: the constant seeds it
-            for budget in budgets:
-                if method == "atm":
-                    constant = points.get(("threshold", budget))
-                    seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                    point = atm_within(workload, budget, unit, n_trials, seed, space, seeds)
-                else:
-                    point = ladder_within(workload, known[method], budget, unit)
-                if point.passed:
-                    if point.config not in speeds:
-                        speeds[point.config] = timed(workload, point.config)
-                    point.speed = speeds[point.config]
-                points[method, budget] = point
-                if progress is not None:
-                    progress(len(points), total)
+    points, interrupted = answer_atm_last(
+        workload, methods, budgets, lambda name, budget: ladder_within(workload, known[name], budget, unit),
+        lambda budget, seeds: atm_within(workload, budget, unit, n_trials, seed, space, seeds), progress, keep_partial)
     ordered = [points[m, b] for m in methods for b in budgets if (m, b) in points]
-    return CompareReport(baseline, list(methods), list(budgets), ordered, space, Timing.of(workload), by,
-                         stop.interrupted)
+    return CompareReport(baseline, list(methods), list(budgets), ordered, space, Timing.of(workload), by, interrupted)
 
 
 def ladder_within(workload: Workload, ladder: Ladder, budget: float, unit: BudgetUnit) -> ComparePoint:
@@ -212,17 +165,17 @@ def ladder_within(workload: Workload, ladder: Ladder, budget: float, unit: Budge
 
 
 def atm_within(workload: Workload, budget: float, unit: BudgetUnit, n_trials: int, seed: int, space: SearchSpace,
-               seeds: Sequence = ()) -> ComparePoint:
+               seeds: Sequence[ATMConfig] = ()) -> ComparePoint:
     """ATM: the calibration search's best top-1 within the budget in `unit`, chosen on these images; none when
     even the most merging setting in range exceeds it on the first batch."""
     limit = budget * unit.unmerged
-    most = space.extremes()[0]
-    reachable = unit.cost(most, first_batches(workload, most, 1)) <= limit
-    found = search_on(workload, unit.goal(limit, budget), space, n_trials, seed, seeds) if reachable else None
+    goal = unit.goal(limit, budget)
+    found = search_on(workload, goal, space, n_trials, seed, seeds) if goal.least_cost(workload, space) <= limit \
+        else None
     if found is None or found.best is None:
-        return ComparePoint("atm", budget, limit, None, None, by=unit.by)
+        return ComparePoint(ATM, budget, limit, None, None, by=unit.by)
     config = space.config(found.best.params)
-    return ComparePoint("atm", budget, limit, found.best.outcomes, describe_method(config)[1], config, by=unit.by)
+    return ComparePoint(ATM, budget, limit, found.best.outcomes, describe_method(config)[1], config, by=unit.by)
 
 
 def plot_compare(report: CompareReport, path: str | Path, title: str = "") -> Path:

@@ -2,107 +2,38 @@
 
 Every method runs on the same preloaded batches. ATM is the calibration search in no-drop mode,
 in the space measured from the model (or given by the range flags), as `atm calibrate` searches.
-Every other registered method and the schedules of the paper's Fig. 5 (constant threshold,
-increasing and decreasing top-r) are one-parameter ladders: step 0 merges nothing, each step up
-merges more. The constant threshold is ATM with beta = 0 on the space's threshold grid, so ATM's
-search, seeded with the constant that passed, never saves less than it. Accuracy is not monotone along a ladder, so no bisection can promise the overall
-largest passing step. What the search does promise, cheaply: the step it returns passes and the
-next one fails. It gallops up (steps 1, 3, 7, ...: a pass moves the floor up, the stride doubles)
-until a step fails, bisects between the last pass and that failure, then looks `lookahead` steps
-past the failure; a pass there resumes the climb from it. Every step tried is reported. A trial
-stops as soon as its misses make the tolerance unreachable, so failures cost a fraction of a pass.
+Every other registered method and the schedules of the paper's Fig. 5 are ladders (`ladders`);
+ATM's search, seeded with the constant threshold that passed, never saves less than it. Accuracy
+is not monotone along a ladder, so no bisection can promise the overall largest passing step. What
+the search does promise, cheaply: the step it returns passes and the next one fails. It gallops up
+(steps 1, 3, 7, ...: a pass moves the floor up, the stride doubles) until a step fails, bisects
+between the last pass and that failure, then looks `lookahead` steps past the failure; a pass there
+resumes the climb from it. Every step tried is reported. A trial stops as soon as its misses make
+the tolerance unreachable, so failures cost a fraction of a pass.
 
-Every method's answer is then timed for real beside the unmerged model (`timed`: the first batch,
-a few interleaved rounds, the median ratio), and the report ranks the methods by GFLOPs or by that
-measured speedup (`By`). The search itself does not change with the ranking: along one ladder more
-merging leaves fewer tokens in every block, so the step that saves the most GFLOPs is also its
-fastest (within a method, time follows the tokens); what GFLOPs do not tell is how one method's
-overhead compares with another's, which only the measured ranking shows.
+Every method's answer is then timed for real beside the unmerged model (`timing.timed`), and the
+report ranks the methods by GFLOPs or by that measured speedup (`By`). The search itself does not
+change with the ranking: along one ladder more merging leaves fewer tokens in every block, so the
+step that saves the most GFLOPs is also its fastest (within a method, time follows the tokens); what
+GFLOPs do not tell is how one method's overhead compares with another's, which only the measured
+ranking shows.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
-from ..engine import METHODS as REGISTRY
-from ..engine import ATMConfig, MethodConfig, ToMeConfig
-from ..errors import Interruptible, UsageError
-from ..evaluation import Comparison, LoadedModel, Outcomes, Workload, describe_method
-from ..evaluation.latency import MeasuredSpeed, device_name, measure_speedups
+from ..calibration.stats import required_hits, within_reach
+from ..engine import ATMConfig, MethodConfig
+from ..errors import UsageError
+from ..evaluation import Outcomes, Workload, describe_method
+from ..evaluation.latency import MeasuredSpeed
 from ..paper import METHODS
-
-Progress = Callable[[int, int], None]
+from .ladders import ATM, ChosenSetting, Ladder, OnBaseline, Progress, answer_atm_last, check_methods, ladders
+from .timing import By, Timing
 
 LOOKAHEAD = 2
-SPEED_REPEATS = 5  # interleaved rounds on one batch: a column beside GFLOPs, not a benchmark
-
-
-class By(str, Enum):
-    """What methods are ranked (stress) and budgeted (compare) by: GFLOPs per image, or time on this device."""
-
-    GFLOPS = "gflops"
-    TIME = "time"
-
-    @classmethod
-    def parse(cls, text: str) -> By:
-        try:
-            return cls(text)
-        except ValueError:
-            raise UsageError(f"--by {text}: choose from {', '.join(by.value for by in cls)}") from None
-
-
-@dataclass(frozen=True)
-class Ladder:
-    """A one-parameter family of settings: step 0 merges nothing, step `top` merges the most it can."""
-
-    method: str
-    description: str
-    config: Callable[[int], MethodConfig]
-    params: Callable[[int], dict]
-    top: int
-
-
-def ramp(peak: int, depth: int) -> list[int]:
-    """r growing by one per block up to `peak` in the last block (never below 0)."""
-    return [max(0, peak - (depth - 1) + block) for block in range(depth)]
-
-
-def knob_ladder(loaded: LoadedModel, cls: type[MethodConfig]) -> Ladder:
-    """A registered method's knob for this model, as a ladder."""
-    knob = cls.knob(loaded.depth, loaded.image_tokens)
-    return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
-                  knob.top)
-
-
-def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
-    """The ladders for this model's depth and token count, by method name: every registered method's
-    knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules, the constant
-    threshold on ATM's threshold grid (`space`)."""
-    depth = loaded.depth
-    image_tokens = loaded.image_tokens
-    half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
-    grid = space.threshold_grid()
-
-    return {
-        **{name: knob_ladder(loaded, cls) for name, cls in REGISTRY.items() if name != "atm"},
-        "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
-                                  lambda r: ToMeConfig(r=ramp(r, depth)),
-                                  lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
-        "tome-decreasing": Ladder("tome-decreasing", "top-r falling by one per block (alternate matching)",
-                                  lambda r: ToMeConfig(r=ramp(r, depth)[::-1]),
-                                  lambda r: {"r": r, "schedule": ramp(r, depth)[::-1]}, half + depth - 1),
-        "threshold": Ladder("threshold", "constant threshold in every block (ATM with beta = 0)",
-                            lambda s: space.constant(grid[s]), lambda s: {"threshold": grid[s]}, len(grid) - 1),
-    }
-
-
-def check_methods(methods: Sequence[str]) -> None:
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods:
-        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
 
 
 @dataclass
@@ -120,40 +51,6 @@ class Trial:
                 "n_images": self.n_images}
 
 
-class ChosenSetting:
-    """A method's answer: the chosen setting's outcomes, or None when no setting passed; its config, and its
-    speed measured beside the unmerged model (`timed`)."""
-
-    chosen: Outcomes | None
-    params: dict | None
-    config: MethodConfig | None
-    speed: MeasuredSpeed | None
-
-    @property
-    def passed(self) -> bool:
-        return self.chosen is not None
-
-    @property
-    def speedup(self) -> float | None:
-        return self.speed.speedup if self.speed else None
-
-    @property
-    def top1(self) -> float | None:
-        return self.chosen.top1 if self.chosen else None
-
-    @property
-    def gflops(self) -> float | None:
-        return self.chosen.gflops if self.chosen else None
-
-    def figures(self, baseline: Outcomes) -> dict:
-        """The answer's figures beside the unmerged run (None where no setting passed)."""
-        run = Comparison(self.chosen, baseline) if self.chosen else None
-        return {"passed": self.passed, "top1": self.top1, "gflops": self.gflops,
-                "agreement": run.agreement if run else None, "params": self.params,
-                "gflops_change": -run.gflops_reduction if run else None, "speedup": self.speedup,
-                "speed": self.speed.to_dict() if self.speed else None}
-
-
 @dataclass
 class MethodResult(ChosenSetting):
     method: str
@@ -168,55 +65,6 @@ class MethodResult(ChosenSetting):
     def to_dict(self, baseline: Outcomes) -> dict:
         return {"method": self.method, "description": self.description, **self.figures(baseline),
                 "forward_passes": self.forward_passes, "trials": [trial.to_dict() for trial in self.trials]}
-
-
-class OnBaseline:
-    """A report over the unmerged model's run: the figures every report gives of it."""
-
-    baseline: Outcomes
-
-    @property
-    def baseline_top1(self) -> float:
-        return self.baseline.top1
-
-    @property
-    def baseline_gflops(self) -> float:
-        return self.baseline.gflops
-
-    @property
-    def n_images(self) -> int:
-        return self.baseline.n_images
-
-    @property
-    def batch_size(self) -> int:
-        return self.baseline.batch_sizes[0]
-
-
-@dataclass(frozen=True)
-class Timing:
-    """How the speedups were measured: each answer beside the unmerged model on the first batch, interleaved."""
-
-    device: str
-    batch_size: int
-    repeats: int
-    compiled: bool
-    compile_seconds: float  # compiling while the settings ran on the images: left out of every figure
-
-    @classmethod
-    def of(cls, workload: Workload) -> Timing:
-        loaded = workload.loaded
-        return cls(device_name(loaded.device), len(workload.batches[0][1]), SPEED_REPEATS, loaded.compiled,
-                   workload.compile_seconds)
-
-    def to_dict(self) -> dict:
-        return {"device": self.device, "batch_size": self.batch_size, "repeats": self.repeats,
-                "compiled": self.compiled, "compile_seconds": self.compile_seconds}
-
-
-def timed(workload: Workload, config: MethodConfig) -> MeasuredSpeed:
-    """`config` timed for real beside the unmerged model on the first batch (interleaved rounds, medians)."""
-    speed, = measure_speedups(workload.loaded, workload.batches[0][0], [config], SPEED_REPEATS)
-    return speed
 
 
 @dataclass
@@ -237,6 +85,16 @@ class StressReport(OnBaseline):
         """The methods that passed, best first by `by`."""
         return sorted((result for result in self.methods if result.passed), key=self.rank_key)
 
+    @property
+    def atm(self) -> MethodResult | None:
+        """ATM's result (None: it did not run)."""
+        return next((result for result in self.methods if result.method == ATM), None)
+
+    def ahead_of(self, result: MethodResult) -> list[MethodResult]:
+        """The methods that passed and rank above `result` (every one that passed, when it did not)."""
+        return [other for other in self.ranked()
+                if other is not result and (not result.passed or self.rank_key(other) < self.rank_key(result))]
+
     def to_dict(self) -> dict:
         return {"baseline_top1": self.baseline_top1, "baseline_gflops": self.baseline_gflops,
                 "tolerance": self.tolerance, "n_images": self.n_images, "batch_size": self.batch_size,
@@ -247,7 +105,7 @@ class StressReport(OnBaseline):
 
 def required_correct(baseline: Outcomes, tolerance: float) -> int:
     """The fewest correct images whose top-1 is >= the baseline's minus `tolerance` percentage points."""
-    return math.ceil(baseline.n_correct - tolerance * baseline.n_images / 100.0 - 1e-9)
+    return required_hits(baseline.n_correct, baseline.n_images, tolerance)
 
 
 def run_until_hopeless(workload: Workload, method: MethodConfig, needed: int) -> tuple[Outcomes, bool]:
@@ -255,7 +113,7 @@ def run_until_hopeless(workload: Workload, method: MethodConfig, needed: int) ->
     total = workload.n_images
 
     def hopeful(run: Outcomes) -> bool:
-        return run.n_correct + total - run.n_images >= needed
+        return within_reach(run.n_correct, total - run.n_images, needed)
 
     run = workload.run(method, keep_going=hopeful)
     return run, run.n_images == total and hopeful(run)
@@ -325,7 +183,7 @@ def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: floa
     """Each method's largest GFLOPs saving with top-1 >= the unmerged model's minus `tolerance` (points),
     timed beside the unmerged model, ranked `by` GFLOPs or measured speedup.
 
-    ATM runs after the ladders, seeded with the constant threshold's passing step when it ran.
+    ATM runs after the ladders, seeded with the constant threshold's passing step when it ran (`ladders`).
     With `keep_partial`, an interrupt (Ctrl-C) after the unmerged run ends the test early and the
     report holds the methods finished before it (`interrupted` is then True).
     """
@@ -338,22 +196,11 @@ def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: floa
     known = ladders(workload.loaded, space)
     baseline = workload.baseline
     needed = required_correct(baseline, tolerance)
-    results: dict[str, MethodResult] = {}
-    with Interruptible(keep_partial) as stop:
-        for name in sorted(methods, key=lambda name: name == "atm"):  # ATM last: the constant seeds it
-            if name == "atm":
-                constant = results.get("threshold")
-                seeds = [space.constant(constant.params["threshold"])] if constant and constant.passed else []
-                result = atm_no_drop(workload, tolerance, n_trials, seed, space, seeds)
-            else:
-                result = climb(workload, known[name], needed, lookahead)
-            if result.passed:
-                result.speed = timed(workload, result.config)
-            results[name] = result
-            if progress is not None:
-                progress(len(results), len(methods))
-    return StressReport(baseline, tolerance, [results[name] for name in methods if name in results], space,
-                        Timing.of(workload), by, stop.interrupted)
+    results, interrupted = answer_atm_last(  # one budget: the tolerance
+        workload, methods, [tolerance], lambda name, _: climb(workload, known[name], needed, lookahead),
+        lambda _, seeds: atm_no_drop(workload, tolerance, n_trials, seed, space, seeds), progress, keep_partial)
+    finished = [results[name, tolerance] for name in methods if (name, tolerance) in results]
+    return StressReport(baseline, tolerance, finished, space, Timing.of(workload), by, interrupted)
 
 
 def atm_no_drop(workload: Workload, tolerance: float, n_trials: int, seed: int, space: SearchSpace,
@@ -362,7 +209,7 @@ def atm_no_drop(workload: Workload, tolerance: float, n_trials: int, seed: int, 
     found = search_on(workload, NoDropGoal(tolerance), space, n_trials, seed, seeds)
     trials = [Trial(dict(t.params), bool(t.feasible) and t.state == "complete", t.top1, t.gflops, t.images)
               for t in found.trials]
-    result = MethodResult("atm", "ATM, layer-dependent thresholds (calibrated)", None, None, trials,
+    result = MethodResult(ATM, "ATM, layer-dependent thresholds (calibrated)", None, None, trials,
                           found.forward_passes)
     if found.best is not None:
         result.config = space.config(found.best.params)

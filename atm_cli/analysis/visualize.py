@@ -24,15 +24,13 @@ from ..engine import ATMConfig, MethodConfig, ToMeConfig, last_trace, merging
 from ..errors import UsageError
 from ..evaluation import LoadedModel, Workload
 from ..evaluation.models import require_timm
-from .compare import least_merging_within
+from .ladders import knob_ladder, least_merging_within
 from .plotting import pyplot, save_figure
-from .stress import knob_ladder
 
 PANEL_PIXELS = 128  # about this many pixels a side for each picture
 CAPTION_PIXELS = 20
 MARGIN_PIXELS = 8
 BORDER_COLOUR = (20, 20, 20)
-BAR_EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
 @dataclass
@@ -205,22 +203,6 @@ def visualize(loaded: LoadedModel, paths: Sequence[str | Path], method: MethodCo
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG", optimize=True)
     return Visualization(out, panels, {method_label(config): config for config in methods})
-
-
-def tokens_chart(tokens_per_layer: Sequence[float], thresholds: Sequence[float] | None = None,
-                 full: float | None = None, width: int = 32) -> str:
-    """Mean tokens entering each block as a terminal bar chart, one line a block, thresholds beside when given.
-
-    A bar `width` characters long stands for `full` tokens (default: the most any block has).
-    """
-    most = full or max(tokens_per_layer) or 1.0
-    lines = []
-    for block, tokens in enumerate(tokens_per_layer):
-        eighths = round(tokens / most * width * 8)
-        bar = "█" * (eighths // 8) + (BAR_EIGHTHS[eighths % 8] if eighths % 8 else "")
-        threshold = f"  θ {thresholds[block]:.3f}" if thresholds is not None else ""
-        lines.append(f"block {block + 1:>2} {bar:<{width}} {tokens:6.1f}{threshold}")
-    return "\n".join(lines)
 
 
 def plot_tokens_per_block(tokens: Sequence[float], path: str | Path, thresholds: Sequence[float] | None = None,

@@ -20,6 +20,7 @@ from atm_cli.model_names import DEMO_MODEL_ALIAS
 from . import checks
 from . import method_options as methods
 from . import model_data as options
+from .charts import tokens_chart
 from .method_options import MethodFlags
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def command(
     plot: Optional[Path] = options.plot_option("the tokens merged in each block under ATM's thresholds (Fig. 6)"),
 ) -> None:
     """Evaluate a merging setting and the unmerged model on the same batches: top-1, top-5, GFLOPs, speed."""
-    from atm_cli.analysis.visualize import plot_tokens_per_block, tokens_chart
+    from atm_cli.analysis.visualize import plot_tokens_per_block
     from atm_cli.engine import ATMConfig, threshold_schedule
     from atm_cli.evaluation import DEMO_EVAL_DATA, evaluate, load_image_folder
 

@@ -104,11 +104,10 @@ def setting_text(result: MethodResult) -> str:
 def ahead_of_atm_note(report: StressReport) -> str | None:
     """Where another method saves more than ATM (or, by time, runs faster), said plainly (None: ATM ranks first,
     or did not run)."""
-    atm = next((r for r in report.methods if r.method == "atm"), None)
+    atm = report.atm
     if atm is None:
         return None
-    ahead = [r for r in report.ranked()
-             if r.method != "atm" and (not atm.passed or report.rank_key(r) < report.rank_key(atm))]
+    ahead = report.ahead_of(atm)
     if not ahead:
         return None
     if report.by.value == "time":
