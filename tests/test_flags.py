@@ -32,6 +32,9 @@ def test_every_parameter_the_library_names_has_a_flag_and_every_flag_exists():
     named = {name for path in source.rglob("*.py") for name in PARAM_USE.findall(path.read_text())}
     assert named and named <= set(FLAGS), sorted(named - set(FLAGS))
     assert set(FLAGS.values()) <= command_line_options(), sorted(set(FLAGS.values()) - command_line_options())
+    flag_in_message = re.compile(r"""(UsageError|RunError)\(\s*f?["'][^"']*--[a-z]""")
+    assert not [path.name for path in source.rglob("*.py")
+                if "cli" not in path.parts and flag_in_message.search(path.read_text())]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

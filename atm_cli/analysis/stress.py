@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..calibration.stats import required_hits, within_reach
 from ..engine import ATMConfig, MethodConfig
-from ..errors import UsageError
+from ..errors import UsageError, param
 from ..evaluation import Outcomes, Workload, describe_method
 from ..evaluation.latency import MeasuredSpeed
 from ..paper import METHODS
@@ -188,7 +188,7 @@ def stress(workload: Workload, methods: Sequence[str] = METHODS, tolerance: floa
     report holds the methods finished before it (`interrupted` is then True).
     """
     if tolerance < 0:
-        raise UsageError(f"--tolerance must be >= 0 (percentage points of top-1), got {tolerance}")
+        raise UsageError(f"{param('tolerance')} must be >= 0 (percentage points of top-1), got {tolerance}")
     check_methods(methods)
     if not workload.n_batches:
         raise UsageError("the stress test needs at least one image")

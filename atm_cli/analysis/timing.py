@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..engine import MethodConfig
-from ..errors import UsageError
+from ..errors import UsageError, param
 from ..evaluation import Workload
 from ..evaluation.latency import MeasuredSpeed, device_name, measure_speedups
 
@@ -25,7 +25,7 @@ class By(str, Enum):
         try:
             return cls(text)
         except ValueError:
-            raise UsageError(f"--by {text}: choose from {', '.join(by.value for by in cls)}") from None
+            raise UsageError(f"{param('by')} {text}: choose from {', '.join(by.value for by in cls)}") from None
 
 
 @dataclass(frozen=True)

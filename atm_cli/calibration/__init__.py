@@ -1,6 +1,7 @@
 """The search behind `atm calibrate`: Optuna over alpha, beta and theta_min for a goal, in a space measured from
-the model (goals.py: goals and their statistics; space.py: ranges; seeding.py: before the trials; search.py: the
-loop; trials.py: stored trials; study.py: storages; ranges.py: the range flags; calibrate.py: the workflow)."""
+the model (goals.py: goals, their keys and steps; stats.py: the paired statistics they prune and choose by;
+space.py: ranges; seeding.py: before the trials; search.py: the loop; trials.py: stored trials; study.py: storages;
+ranges.py: the range flags; speed.py: the time goals; calibrate.py: the workflow)."""
 from .calibrate import PROBE_BATCHES, CalibrationReport, CalibrationRequest, calibrate, search_on, seed_constant
 from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal
 from .ranges import RangeFlags

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import RunError, UsageError
+from atm_cli.errors import RunError, UsageError, param
 from atm_cli.evaluation import (Comparison, ImageSet, LoadedModel, Outcomes, Workload, load_image_folder, load_model,
                                 load_unlabelled_images, preload)
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
@@ -105,31 +105,32 @@ class CalibrationRequest:
         goals = [self.target_gflops is not None, self.target_reduction is not None, self.no_drop,
                  self.min_agreement is not None, self.target_speedup is not None, self.target_latency_ms is not None]
         if sum(goals) != 1:
-            raise UsageError("give exactly one goal: --target-gflops G, --target-reduction P, --no-drop, "
-                             "--min-agreement P, --target-speedup S or --target-latency-ms T")
+            raise UsageError(f"give exactly one goal: {param('target_gflops')} G, {param('target_reduction')} P, "
+                             f"{param('no_drop')}, {param('min_agreement')} P, {param('target_speedup')} S or "
+                             f"{param('target_latency_ms')} T")
         if self.target_speedup is not None and not self.target_speedup > 1:
-            raise UsageError(f"--target-speedup is a factor over the unmerged model, above 1, got "
+            raise UsageError(f"{param('target_speedup')} is a factor over the unmerged model, above 1, got "
                              f"{self.target_speedup}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
-            raise UsageError(f"--target-latency-ms must be positive, got {self.target_latency_ms}")
+            raise UsageError(f"{param('target_latency_ms')} must be positive, got {self.target_latency_ms}")
         if self.rule not in RULES:
-            raise UsageError(f"--rule is one of {', '.join(RULES)}, got {self.rule!r}")
+            raise UsageError(f"{param('rule')} is one of {', '.join(RULES)}, got {self.rule!r}")
         if self.target_reduction is not None and not 0 < self.target_reduction < 100:
-            raise UsageError(f"--target-reduction is a percentage in (0, 100), got {self.target_reduction}")
+            raise UsageError(f"{param('target_reduction')} is a percentage in (0, 100), got {self.target_reduction}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
-            raise UsageError(f"--min-agreement is a percentage in (0, 100], got {self.min_agreement}")
+            raise UsageError(f"{param('min_agreement')} is a percentage in (0, 100], got {self.min_agreement}")
         if self.target_gflops is not None and self.target_gflops <= 0:
-            raise UsageError(f"--target-gflops must be positive, got {self.target_gflops}")
+            raise UsageError(f"{param('target_gflops')} must be positive, got {self.target_gflops}")
         if self.tolerance < 0:
-            raise UsageError(f"--tolerance must not be negative, got {self.tolerance}")
+            raise UsageError(f"{param('tolerance')} must not be negative, got {self.tolerance}")
         if self.tolerance and not self.no_drop:
-            raise UsageError("--tolerance goes with --no-drop")
+            raise UsageError(f"{param('tolerance')} goes with {param('no_drop')}")
         if self.timeout is not None and not self.timeout > 0:
-            raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+            raise UsageError(f"{param('timeout')} must be a positive number of seconds, got {self.timeout}")
         if self.n_trials < 1:
-            raise UsageError(f"--n-trials must be at least 1, got {self.n_trials}")
+            raise UsageError(f"{param('n_trials')} must be at least 1, got {self.n_trials}")
         if self.study_name is not None and self.storage is None:
-            raise UsageError("--study-name names a study in a --storage; give --storage too")
+            raise UsageError(f"{param('study_name')} names a study in a storage; give {param('storage')} too")
 
     @property
     def speed(self) -> bool:
@@ -281,7 +282,7 @@ def _folders(request: CalibrationRequest, loaded: LoadedModel) -> tuple[Path, Pa
     """The images to tune on and those to report on (None: the same); atm-demo's bundled ones by default."""
     demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
     if request.data is None and not demo_defaults:
-        raise UsageError(f"give --data DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
+        raise UsageError(f"give {param('data')} DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
     data = DEMO_CALIB_DATA if demo_defaults else request.data
     return data, DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
 
@@ -322,7 +323,7 @@ def _save(preset: Preset, request: CalibrationRequest, result: SearchResult, con
         save_preset(preset, request.out)
     except OSError as error:  # checked writable before the work: a disk that filled during it
         kept = f"the trials are kept in {redact(request.storage)} (study {result.study_name})" if request.storage \
-            else "no --storage kept the trials"
+            else f"no {param('storage')} kept the trials"
         raise RunError(f"cannot write the preset to {request.out}: {error.strerror or error}; the chosen setting "
                        f"is {config.to_params()}, {kept}") from None
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import UsageError
+from atm_cli.errors import UsageError, param
 from atm_cli.evaluation import Outcomes
 
 from .search import BatchSource, Search, SearchResult, TrialEvent
@@ -291,7 +291,7 @@ class LatencyGoal(CappedGoal):
             raise UsageError(f"the goal ({self.describe()}) asks for {1e3 * self.target_seconds:.4g} ms per batch; "
                              f"the most merging setting in range is predicted at {1e3 * most:.4g} ms "
                              f"({self.unmerged_seconds / most:.2f}x) on the first batch (widen the ranges, e.g. "
-                             "--theta-min-range)")
+                             f"{param('theta_min_range')})")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import UsageError
+from atm_cli.errors import UsageError, param
 from atm_cli.evaluation import Outcomes
 
 from .search import GFLOPS_SLACK, BatchSource, Search, TrialEvent
@@ -50,7 +50,7 @@ def check_budget(target_gflops: float, baseline_gflops: float, reachable: tuple[
     low, high = reachable
     if target_gflops < low * (1 - GFLOPS_SLACK):
         raise UsageError(f"the budget {target_gflops:.4g} GFLOPs is below what any setting in range reaches: "
-                         f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. --theta-min-range)")
+                         f"{low:.4g}-{high:.4g} GFLOPs on the first batch (widen the ranges, e.g. {param('theta_min_range')})")
 
 
 def constant_for_budget(source: BatchSource, space: SearchSpace, budget: float, n_batches: int = 2,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import RunError, UsageError
+from atm_cli.errors import RunError, UsageError, param
 from atm_cli.evaluation import Workload
 from atm_cli.evaluation.latency import LatencyModel, MeasuredSpeed, device_latency, measure_speedups
 
@@ -47,7 +47,7 @@ def speed_goal(latency: LatencyModel, depth: int, speedup: float | None = None,
     unmerged = latency.unmerged_seconds(depth)
     target = unmerged / speedup if speedup is not None else latency_ms / 1e3
     if target >= unmerged:
-        raise UsageError(f"--target-latency-ms {latency_ms:g} is not below the unmerged model's predicted "
+        raise UsageError(f"{param('target_latency_ms')} {latency_ms:g} is not below the unmerged model's predicted "
                          f"{1e3 * unmerged:.4g} ms per batch here: nothing to search")
     return LatencyGoal(target, predict=lambda outcomes: latency.outcomes_seconds(outcomes, ATMConfig.NAME),
                        unmerged_seconds=unmerged, speedup=speedup, latency_ms=latency_ms)

@@ -29,7 +29,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, 
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import TrialState
 
-from atm_cli.errors import UsageError
+from atm_cli.errors import UsageError, param
 
 from .trials import FINISHED, SETUP_ATTR, WORKER, WORKER_ATTR
 
@@ -234,7 +234,7 @@ def _check_same_setup(study: optuna.Study, study_name: str | None, setup: dict[s
     if differs:
         key = differs[0]
         raise UsageError(f"study {study_name!r} was started with another {key} ({stored.get(key)!r}, now "
-                         f"{setup.get(key)!r}); resume it with the same settings or use another --study-name")
+                         f"{setup.get(key)!r}); resume it with the same settings or use another {param('study_name')}")
 
 
 def _alive(worker: str | None) -> bool:

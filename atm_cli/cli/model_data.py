@@ -90,7 +90,7 @@ def finish(console: Console, table: RenderableType, result: dict, json_output: b
 
 def methods_list(text: str) -> list[str]:
     """--methods as names, checked before any model is loaded."""
-    from atm_cli.analysis.stress import check_methods
+    from atm_cli.analysis.ladders import check_methods
 
     methods = [name.strip() for name in text.split(",") if name.strip()]
     check_methods(methods)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 if TYPE_CHECKING:
-    from atm_cli.analysis.stress import By, Timing
+    from atm_cli.analysis.timing import By, Timing
     from atm_cli.evaluation.latency import MeasuredSpeed
 
 BY = typer.Option("gflops", "--by", metavar="gflops|time",
@@ -20,7 +20,7 @@ CACHE_DIR = typer.Option(None, "--cache-dir", metavar="DIR",
 
 def by_value(text: str) -> By:
     """--by as the analysis layer's typed value (`By`); UsageError for another word."""
-    from atm_cli.analysis.stress import By
+    from atm_cli.analysis.timing import By
 
     return By.parse(text)
 
