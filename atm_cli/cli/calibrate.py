@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from atm_cli.model_names import DEMO_MODEL_ALIAS
 
 from . import checks
 from . import model_data as options
@@ -22,10 +21,8 @@ if TYPE_CHECKING:
 
 
 def command(
-    model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
-                              help="A timm model name (deit_small for deit_small_patch16_224) or a folder in "
-                                   "timm's format. Default: the embedded ViT."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model."),
+    model: str = options.MODEL,
+    checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
     no_pretrained: bool = options.NO_PRETRAINED,
     data: Optional[Path] = typer.Option(None, "--data", metavar="DIR",
@@ -83,7 +80,7 @@ def command(
     precision: str = options.PRECISION,
     compile: str = options.COMPILE,
     out: Optional[Path] = typer.Option(None, "--out", metavar="PRESET.yaml", help="Write the preset here."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = options.JSON,
 ) -> None:
     """Find ATM's alpha, beta, theta_min for a GFLOPs or time budget, or the cheapest with no drop, as a preset."""
     import optuna

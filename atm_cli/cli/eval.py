@@ -15,7 +15,6 @@ from rich.text import Text
 
 from atm_cli.errors import UsageError
 from atm_cli.files import write_atomically
-from atm_cli.model_names import DEMO_MODEL_ALIAS
 
 from . import checks
 from . import method_options as methods
@@ -38,10 +37,7 @@ RESULT_COLUMNS = ("model", "model_tag", "checkpoint_sha256", "method", "params",
 
 
 def command(
-    model: str = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
-                              help="A timm model name (deit_small for deit_small_patch16_224; hf-hub: names "
-                                   "too), or a folder in timm's format (config.json + weights). Default: the "
-                                   "embedded CIFAR-10 ViT."),
+    model: str = options.MODEL,
     checkpoint: Optional[Path] = options.CHECKPOINT,
     unsafe_checkpoint: bool = options.UNSAFE_CHECKPOINT,
     no_pretrained: bool = options.NO_PRETRAINED,

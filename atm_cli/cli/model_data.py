@@ -31,7 +31,8 @@ MODEL = typer.Option(DEMO_MODEL_ALIAS, "--model", metavar="NAME|PATH",
                      help="A timm model name (deit_small for deit_small_patch16_224; hf-hub: names too) or a "
                           "folder in timm's format (config.json + weights); hf:FOLDER|HUB_ID for a transformers "
                           "model, open_clip:ARCH[:TAG] for an open_clip one. Default: the embedded CIFAR-10 ViT.")
-CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE", help="Local weights for the model, loaded by timm.")
+CHECKPOINT = typer.Option(None, "--checkpoint", metavar="FILE",
+                          help="Local weights for the model (a timm or open_clip one), loaded by its library.")
 UNSAFE_CHECKPOINT = typer.Option(False, "--unsafe-checkpoint",
                                  help="Load a --checkpoint that pickles more than weights (e.g. training arguments). "
                                       "Unpickling runs code from the file: only for files you trust.")
