@@ -1,6 +1,7 @@
 """The latency model: its pure pieces on hand-built tables, its cache, and a measured one's shape (never its times)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -251,9 +252,10 @@ def test_speed_goals_are_checked_before_any_work(tiny, flags, message):
     assert outcome.exit_code == 2 and message in outcome.output and len(outcome.output.strip().splitlines()) == 1
 
 
-def timed_choice(speedup: float, trials: dict[tuple[int, int], tuple[int, float]], monkeypatch):
+def timed_choice(speedup: float, trials: dict[tuple[int, int], tuple[int, float]], monkeypatch, sought: int = 0):
     """`time_choice` over hand-built trials {(tokens after block 1, after block 2): (right of 10, the device's
-    measured over predicted speedup)} on `linear_model`, the timing replaced by those ratios."""
+    measured over predicted speedup)} on `linear_model`, the timing replaced by those ratios; the last `sought`
+    trials are not finished yet: a correction's `seek` adds them."""
     from types import SimpleNamespace
 
     from atm_cli.calibration.search import SearchResult
@@ -283,9 +285,15 @@ def timed_choice(speedup: float, trials: dict[tuple[int, int], tuple[int, float]
 
     monkeypatch.setattr(speed_module, "measure_speedups", measured)
     reference = trial(len(finished), (18, 18, 18), right=10).outcomes
-    best = goal.choose(finished, reference.correct)
-    result = SearchResult(best, best, finished, reference, goal, space, "paired", 10, len(finished), 0, 0, "t")
-    return speed_module.time_choice(SimpleNamespace(loaded=None, batches=[(None, None)], depth=2), result, latency)
+    found, later = finished[:len(finished) - sought], finished[len(finished) - sought:]
+    best = goal.choose(found, reference.correct)
+    result = SearchResult(best, best, found, reference, goal, space, "paired", 10, len(found), 0, 0, "t")
+
+    def seek(corrected):
+        return dataclasses.replace(result, trials=found + later)
+
+    return speed_module.time_choice(SimpleNamespace(loaded=None, batches=[(None, None)], depth=2), result, latency,
+                                    seek if sought else None)
 
 
 def test_a_choice_that_measures_short_of_the_speedup_is_replaced_by_a_faster_trial(monkeypatch):
@@ -302,3 +310,15 @@ def test_corrections_start_from_the_goal_as_asked_and_do_not_compound(monkeypatc
     chosen, check = timed_choice(1.2, {(10, 6): (9, 0.9), (5, 4): (8, 0.85), (3, 2): (7, 0.9)}, monkeypatch)
     assert [trial for trial, _ in check.corrections] == [0, 1]
     assert chosen.best.number == 2 and check.chosen.speedup >= 1.2
+
+
+@pytest.mark.parametrize("seeking", [False, True])
+def test_a_correction_seeks_a_trial_near_the_corrected_target(seeking, monkeypatch):
+    """Only trial 1 (predicted 1.45x) meets the corrected 1.2 / 0.9 = 1.33x among the finished trials; the trial
+    a correction seeks near that target (2: predicted 1.35x) is chosen instead, and measures closer to 1.2x."""
+    trials = {(10, 6): (9, 0.9), (2, 2): (7, 0.9), (5, 4): (8, 0.9)}
+    if not seeking:
+        trials.pop((5, 4))
+    chosen, check = timed_choice(1.2, trials, monkeypatch, sought=1 if seeking else 0)
+    assert chosen.best.number == (2 if seeking else 1)
+    assert 1.2 <= check.chosen.speedup < (1.25 if seeking else 1.35)

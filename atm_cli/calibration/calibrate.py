@@ -21,7 +21,7 @@ from .ranges import RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
 from .seeding import check_budget
 from .space import SearchSpace
-from .speed import SpeedCheck, latency_for, speed_goal, time_choice
+from .speed import SpeedCheck, latency_for, seek_near, speed_goal, time_choice
 from .study import claim_seeding, finish_seeding, open_storage, open_study, redact
 
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
@@ -258,7 +258,7 @@ def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None
         if latency is not None:
             stage("timing the chosen setting against the unmerged model")
             # RunError (no merging) when it measured slower; a faster trial when it measured short of the goal
-            result, speed = time_choice(source, result, latency)
+            result, speed = time_choice(source, result, latency, seek_near(search, study, on_trial))
             config = result.best_config
         forward_passes = range_passes + source.images_run
         tuning = Measured.of(Comparison(result.best.outcomes, reference, images.labelled), images.source,

@@ -11,13 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+
 from atm_cli.engine import ATMConfig
 from atm_cli.errors import RunError, UsageError, param
 from atm_cli.evaluation import Workload
 from atm_cli.evaluation.latency import LatencyModel, MeasuredSpeed, device_latency, measure_speedups
 
 from .goals import LatencyGoal
-from .search import SearchResult
+from .search import Search, SearchResult, TrialEvent
+from .seeding import constant_for_budget
+from .trials import FINISHED
 from .space import SearchSpace
 
 FIT_SETTINGS = 4  # constant thresholds of the space that ATM's step cost is fitted on
@@ -82,15 +86,17 @@ class SpeedCheck:
                                                                    **self.runner_up_speed.to_dict()}}
 
 
-def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, repeats: int = TIMING_REPEATS,
+def time_choice(source: Workload, result: SearchResult, latency: LatencyModel,
+                seek: Callable[[LatencyGoal], SearchResult] | None = None, repeats: int = TIMING_REPEATS,
                 progress: Callable[[int, int], None] | None = None) -> tuple[SearchResult, SpeedCheck]:
     """Time the chosen setting and the runner-up (the goal's next choice, of another setting) on the first
     tuning batch, interleaved with the unmerged model. When the chosen setting measures short of the speedup
     asked for, the prediction overshot here (the latency model's bias, the timed batch against all tuning
-    batches): the goal's predicted target is raised by that setting's measured over predicted speedup and
-    the goal chooses again among the finished trials (at most `CORRECTIONS` times). Returns the result as finally
-    chosen and its timing; RunError when the chosen setting measured slower than the unmerged model:
-    calibration then returns no merging."""
+    batches): the goal's predicted target is raised by that setting's measured over predicted speedup, `seek`
+    (when given) runs one more trial near that target (`seek_near`: the finished trials may all lie far
+    from it), and the goal chooses again among the finished trials (at most `CORRECTIONS` times). Returns the
+    result as finally chosen and its timing; RunError when the chosen setting measured slower than the
+    unmerged model: calibration then returns no merging."""
     corrections: list[tuple[int, float]] = []
     asked_goal = result.goal  # each correction starts from the goal as asked: the biases do not compound
     while True:
@@ -99,7 +105,8 @@ def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, r
         bias = check.chosen.speedup / check.predicted_speedup  # measured over what the goal constrained
         if asked is None or check.chosen.speedup >= asked or len(corrections) == CORRECTIONS or bias >= 1:
             break
-        rechosen = _rechoose(result, dataclasses.replace(asked_goal, target_seconds=asked_goal.target_seconds * bias))
+        corrected = dataclasses.replace(asked_goal, target_seconds=asked_goal.target_seconds * bias)
+        rechosen = _rechoose(result if seek is None else seek(corrected), corrected)
         if rechosen is None:
             break
         corrections.append((result.best.number, bias))
@@ -112,6 +119,22 @@ def time_choice(source: Workload, result: SearchResult, latency: LatencyModel, r
                        f"{key.batch_size}, {key.precision}{', compiled' if key.compiled else ''}: merging does not pay "
                        "here, so no setting is returned")
     return result, check
+
+
+def seek_near(search: Search, study: optuna.Study,
+              on_trial: Callable[[TrialEvent], None] | None = None) -> Callable[[LatencyGoal], SearchResult]:
+    """For `time_choice`: one more trial of the study, at the least-merging constant threshold within a goal
+    on the first batches (as the seeding finds one), and the study's result with it."""
+
+    def seek(goal: LatencyGoal) -> SearchResult:
+        constant, _ = constant_for_budget(search.source, search.space, goal.budget, search.probe_batches,
+                                          cost=goal.cost)
+        if constant is not None:
+            finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+            search.try_setting(study, constant, finished + 1, on_trial, unpruned=True)
+        return search.result(study)
+
+    return seek
 
 
 def _rechoose(result: SearchResult, goal: LatencyGoal) -> SearchResult | None:
