@@ -33,8 +33,7 @@ def backbone(model: nn.Module) -> Backbone:
     if name in _REFUSED:
         raise ValueError(f"{name} is not supported: {_REFUSED[name]}")
     trunk = _vision_trunk(model)
-    layers = trunk.layers if hasattr(trunk, "layers") else trunk.encoder.layers if hasattr(
-        trunk.encoder, "layers") else trunk.encoder.layer
+    layers = _encoder_layers(trunk)
     for i, layer in enumerate(layers):
         if type(layer).__name__ not in _LAYERS:
             raise ValueError(f"{name}: layer {i} is a {type(layer).__name__}; the engine merges tokens in "
@@ -68,6 +67,13 @@ def _vision_trunk(model: nn.Module) -> nn.Module:
         if hasattr(embeddings, "patch_embeddings") or hasattr(embeddings, "patch_embedding"):
             return module
     raise ValueError(f"{type(model).__name__} has no image patch embeddings: not a vision transformer")
+
+
+def _encoder_layers(trunk: nn.Module) -> nn.ModuleList:
+    """ViT and DeiT hold their layers themselves, DINOv2 in `encoder.layer`, CLIP and SigLIP in `encoder.layers`."""
+    if hasattr(trunk, "layers"):
+        return trunk.layers
+    return getattr(trunk.encoder, "layers", None) or trunk.encoder.layer
 
 
 def _block_parts(layer: nn.Module) -> BlockParts:
