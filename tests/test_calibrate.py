@@ -382,7 +382,7 @@ def test_ctrl_c_mid_trial_says_what_is_kept_in_one_line_and_the_same_command_res
         time.sleep(0.05)
     first.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: most likely in a trial's forward passes
     out, err = first.communicate(timeout=120)
-    assert first.returncode == 130 and out == ""
+    assert first.returncode == 130 and out == "", err
     kept = finished(storage, "ctrl-c")
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"interrupted: {len(kept)} finished trials are kept in {storage}"), err
