@@ -5,6 +5,8 @@ from torch import Tensor, nn
 from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 
+from .attention import log_size_bias
+
 # Pools whose result does not change when a token is replaced by k copies of itself, once sizes are honoured.
 SUPPORTED_POOLS = ("token", "avg", "map")
 
@@ -43,4 +45,4 @@ def sized_mean(x: Tensor, size: Tensor) -> Tensor:
 
 def attention_pool_with_sizes(pool: nn.Module, x: Tensor, size: Tensor) -> Tensor:
     """The latent query attends with + log(size) on each key: softmax weights as if each token were repeated."""
-    return pool(x, attn_mask=size.log().to(x.dtype).reshape(x.shape[0], 1, 1, x.shape[1]))
+    return pool(x, attn_mask=log_size_bias(size, x.dtype))

@@ -19,7 +19,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
-from atm_cli.engine import ToMeConfig, backbone_of, last_trace, patch, unpatch
+from atm_cli.engine import ToMeConfig, last_trace, patch, unpatch
 from atm_cli.errors import RunError, UsageError, first_line, param
 from atm_cli.model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME, complete_model_name
 
@@ -326,7 +326,6 @@ def _count_unmerged_cost(loaded: LoadedModel) -> None:
     """Check that the engine can patch the model, and count its unmerged GFLOPs on one image."""
     model = loaded.model
     try:
-        loaded.num_prefix_tokens = backbone_of(model).num_prefix_tokens
         patch(model, ToMeConfig(r=0))  # the exact unmerged forward, traced
     except ValueError as error:
         raise UsageError(f"{loaded.name} cannot be merged: {error}") from None
@@ -338,3 +337,4 @@ def _count_unmerged_cost(loaded: LoadedModel) -> None:
         unpatch(model)
     loaded.unmerged_gflops = trace.gflops
     loaded.unmerged_tokens = tuple(trace.tokens[:-1])
+    loaded.num_prefix_tokens = trace.geometry.num_prefix

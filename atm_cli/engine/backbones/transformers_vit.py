@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..attention import log_size_bias
 from ..pooling import sized_mean
 from .parts import (AttentionParts, Backbone, BlockParts, Hook, MergingRun, Stem, linear_macs,
                     separate_projections)
@@ -44,7 +45,7 @@ def backbone(model: nn.Module) -> Backbone:
     patch_embedding = getattr(embeddings, "patch_embeddings", None) or embeddings.patch_embedding
     size = _pair(config.image_size)
     patch = _pair(config.patch_size)
-    head_modules, token_head_macs = _head(model, trunk)
+    head_macs, token_head_macs = _head_macs(model, trunk)
     return Backbone(
         name=name,
         blocks=[_block_parts(layer) for layer in layers],
@@ -52,7 +53,7 @@ def backbone(model: nn.Module) -> Backbone:
         has_class_token=prefix > 0,
         width=config.hidden_size,
         stem=Stem(patch_embedding, config.num_channels, size, (size[0] // patch[0]) * (size[1] // patch[1])),
-        head_macs=sum(linear_macs(m) for m in head_modules) + _map_once_macs(trunk),
+        head_macs=head_macs,
         token_head_macs=token_head_macs,
         head_reads_prefix_only=name in _PREFIX_ONLY_HEADS,
         hooks=lambda run: _hooks(model, trunk, layers, run),
@@ -92,25 +93,20 @@ def _block_parts(layer: nn.Module) -> BlockParts:
                       after_mlp=tuple(getattr(layer, n) for n in after_mlp))
 
 
-def _head(model: nn.Module, trunk: nn.Module) -> tuple[list[nn.Module], int]:
-    """The Linear modules that read the pooled tokens once per image, and the per-token work of a SigLIP
-    attention pool (its keys and values, and the probe's two attention products)."""
+def _head_macs(model: nn.Module, trunk: nn.Module) -> tuple[int, int]:
+    """Multiply-adds of what reads the tokens left: once per image (classifiers, projection, pooler, and a
+    SigLIP attention pool's probe query, output projection and MLP), and per token (that pool's keys and
+    values, and the probe's two attention products)."""
     names = ("classifier", "cls_classifier", "distillation_classifier", "visual_projection")
     modules = [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
     pooler = getattr(trunk, "pooler", None)
     if pooler is not None:
         modules.append(pooler)
-    pool = getattr(trunk, "head", None)
+    pool, width = getattr(trunk, "head", None), trunk.config.hidden_size
     if pool is None:
-        return modules, 0
-    width = trunk.config.hidden_size
-    modules += [pool.attention.out_proj, pool.mlp]
-    return modules, 2 * width * width + 2 * width
-
-
-def _map_once_macs(trunk: nn.Module) -> int:
-    """The SigLIP attention pool's query projection of its one probe token."""
-    return trunk.config.hidden_size ** 2 if getattr(trunk, "head", None) is not None else 0
+        return sum(linear_macs(m) for m in modules), 0
+    once = sum(linear_macs(m) for m in [*modules, pool.attention.out_proj, pool.mlp]) + width * width
+    return once, 2 * width * width + 2 * width
 
 
 def _hooks(model: nn.Module, trunk: nn.Module, layers: nn.ModuleList, run: MergingRun) -> list[Hook]:
@@ -153,7 +149,8 @@ def _sized_attention_pool(head: nn.Module, run: MergingRun):
     def forward(hidden_state: Tensor) -> Tensor:
         sizes = run.sizes()
         probe = head.probe.repeat(hidden_state.shape[0], 1, 1)
-        mask = None if sizes is None else sizes.log().to(hidden_state.dtype).transpose(1, 2).repeat_interleave(
+        # nn.MultiheadAttention takes the additive mask per (image, head): (B * H, 1 query, N keys)
+        mask = None if sizes is None else log_size_bias(sizes, hidden_state.dtype).squeeze(1).repeat_interleave(
             head.attention.num_heads, dim=0)
         hidden_state = head.attention(probe, hidden_state, hidden_state, attn_mask=mask)[0]
         return (hidden_state + head.mlp(head.layernorm(hidden_state)))[:, 0]
