@@ -15,9 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from atm_cli.calibration import (BudgetGoal, NoDropGoal, RangeFlags, Search, SearchSpace, calibrate,
-                                 reachable_gflops)
-from atm_cli.calibration.calibrate import CalibrationRequest
+from atm_cli.calibration import (AgreementGoal, BudgetGoal, DataSettings, ModelSettings, NoDropGoal, RangeFlags,
+                                 Reduction, Search, SearchSettings, SearchSpace, calibrate, reachable_gflops)
 from atm_cli.calibration.goals import trails
 from atm_cli.calibration.search import GFLOPS_SLACK, SearchInterrupted, interruptible
 from atm_cli.calibration.calibrate import seed_constant
@@ -315,10 +314,10 @@ def test_forward_passes_match_a_count_of_the_model_own_calls(tiny, monkeypatch):
         return loaded
 
     monkeypatch.setattr(workflow, "load_model", load_and_count)
-    request = CalibrationRequest(model=str(tiny["model"]), data=tiny["data"], eval_data=tiny["eval"],
-                                 target_reduction=20, n_trials=8, batch_size=8, ranges=RangeFlags(
-                                     alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01))
-    report = calibrate(request)
+    data = DataSettings(tiny["data"], tiny["eval"], batch_size=8)
+    ranges = RangeFlags(alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01)
+    report = calibrate(Reduction(20), ModelSettings(str(tiny["model"])), data,
+                       SearchSettings(n_trials=8, ranges=ranges))
     assert report.forward_passes + report.report_forward_passes == sum(counted)
     assert report.report_forward_passes == 2 * 24  # the held-out images, merged and unmerged
     assert report.result.naive_forward_passes == 2 * 8 * 36
@@ -511,10 +510,9 @@ def test_min_agreement_calibrates_on_unlabelled_images_at_any_depth(tiny, tmp_pa
         target = unlabelled / ("deep/er" if i % 3 == 0 else "flat" if i % 3 == 1 else "") / f"{i:03d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
-    request = CalibrationRequest(model=str(tiny["model"]), data=unlabelled, min_agreement=90, n_trials=6,
-                                 batch_size=8, rule="argmax", ranges=RangeFlags(
-                                     alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01))
-    report = calibrate(request)
+    ranges = RangeFlags(alpha=(0.5, 1.0), beta=(0.0, 0.2), theta_min=(0.3, 1.0), step=0.01)
+    report = calibrate(AgreementGoal(agreement=90), ModelSettings(str(tiny["model"])),
+                       DataSettings(unlabelled, batch_size=8), SearchSettings(n_trials=6, rule="argmax", ranges=ranges))
     result = report.to_dict()
     assert result["n_images"] == 36 and result["top1"] is None  # no labels: no top-1
     # The agreement, checked on the model itself: the patched and the plain model's classes on the same images.

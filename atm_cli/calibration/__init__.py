@@ -2,14 +2,17 @@
 the model (goals.py: goals, their keys and steps; stats.py: the paired statistics they prune and choose by;
 space.py: ranges; seeding.py: before the trials; search.py: the loop; trials.py: stored trials; study.py: storages;
 ranges.py: the range flags; speed.py: the time goals; calibrate.py: the workflow)."""
-from .calibrate import PROBE_BATCHES, CalibrationReport, CalibrationRequest, calibrate, search_on, seed_constant
-from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal
+from .calibrate import (PROBE_BATCHES, CalibrationReport, DataSettings, ModelSettings, SearchSettings, calibrate,
+                        search_on, seed_constant)
+from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal, Reduction
 from .ranges import RangeFlags
 from .search import Search, SearchInterrupted, SearchResult, TrialEvent
 from .seeding import reachable_gflops
 from .space import SearchSpace
+from .speed import SpeedTarget
 from .trials import Finished
 
-__all__ = ["PROBE_BATCHES", "CalibrationReport", "CalibrationRequest", "calibrate", "search_on", "seed_constant",
-           "AgreementGoal", "BudgetGoal", "Goal", "NoDropGoal", "RangeFlags", "Search",
-           "SearchInterrupted", "SearchResult", "TrialEvent", "reachable_gflops", "SearchSpace", "Finished"]
+__all__ = ["PROBE_BATCHES", "CalibrationReport", "DataSettings", "ModelSettings", "SearchSettings", "calibrate",
+           "search_on", "seed_constant", "AgreementGoal", "BudgetGoal", "Goal", "NoDropGoal", "Reduction",
+           "RangeFlags", "Search", "SearchInterrupted", "SearchResult", "TrialEvent", "reachable_gflops",
+           "SearchSpace", "SpeedTarget", "Finished"]

@@ -9,19 +9,18 @@ from pathlib import Path
 import optuna
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import RunError, UsageError, param
+from atm_cli.errors import UsageError, param
 from atm_cli.evaluation import (Comparison, ImageSet, LoadedModel, Outcomes, Workload, load_image_folder, load_model,
                                 load_unlabelled_images, preload)
 from atm_cli.evaluation.data import DEMO_CALIB_DATA, DEMO_EVAL_DATA
-from atm_cli.model_names import DEMO_MODEL_NAME
-from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets, save_preset
+from atm_cli.model_names import DEMO_MODEL_ALIAS, DEMO_MODEL_NAME
+from atm_cli.presets import Measured, ModelInfo, Preset, build_preset, list_presets
 
-from .goals import RULES, AgreementGoal, BudgetGoal, Goal, LatencyGoal, NoDropGoal
+from .goals import Goal, Reduction
 from .ranges import RangeFlags
 from .search import Search, SearchResult, TrialEvent, interruptible
-from .seeding import check_budget
 from .space import SearchSpace
-from .speed import SpeedCheck, latency_for, seek_near, speed_goal, time_choice
+from .speed import SpeedCheck, SpeedTarget, seek_near, time_choice
 from .study import claim_seeding, finish_seeding, open_storage, open_study, redact
 
 REFERENCE_ATTR = "atm_reference"  # the unmerged model's results, cached in the study for resuming processes
@@ -68,113 +67,64 @@ def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> lis
     return [p.method for p in chosen[:KNOWN_GOOD]]
 
 
-@dataclass
-class CalibrationRequest:
-    """What `atm calibrate` was asked for (flags as given; None where the flag was not)."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model to calibrate, as `evaluation.load_model` loads it."""
 
-    model: str = "atm-demo"
+    name: str = DEMO_MODEL_ALIAS
     checkpoint: Path | None = None
-    unsafe_checkpoint: bool = False  # a checkpoint that needs full unpickling (runs code from the file)
     pretrained: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+    unsafe_checkpoint: bool = False  # a checkpoint that needs full unpickling (runs code from the file)
+    compile: str = "off"  # auto | on | off (`evaluation.models.resolve_compile`)
+
+    def load(self) -> LoadedModel:
+        return load_model(self.name, self.checkpoint, self.pretrained, self.device, self.precision,
+                          unsafe_checkpoint=self.unsafe_checkpoint, compile=self.compile)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The images to tune on (None: atm-demo's bundled ones) and to report on (None: the tuning ones; atm-demo's
+    bundled test images when neither is given), a class-balanced subset of the tuning ones, and the batches."""
+
     data: Path | None = None
     eval_data: Path | None = None
     limit: int | None = None
-    target_gflops: float | None = None
-    target_reduction: float | None = None  # percent fewer GFLOPs than the unmerged model
-    no_drop: bool = False
-    tolerance: float = 0.0
-    min_agreement: float | None = None  # percent of images keeping the unmerged top-1 class (no labels needed)
-    target_speedup: float | None = None  # over the unmerged model, predicted on this device, then measured
-    target_latency_ms: float | None = None  # per batch, predicted on this device
-    latency_cache: Path | None = None  # where the device's latency model is cached (None: $ATM_CACHE or ~/.cache/atm)
-    n_trials: int = 30
-    timeout: float | None = None
-    seed: int = 0
-    ranges: RangeFlags = field(default_factory=RangeFlags)
-    rule: str = "paired"
     batch_size: int = 128
     workers: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: str = "off"  # auto | on | off (`evaluation.models.resolve_compile`)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the search runs and where its trials are kept (`storage`: None, in memory)."""
+
+    n_trials: int = 30
+    timeout: float | None = None  # seconds after which no trial starts
+    seed: int = 0  # the sampler's, and the tuning subset's
+    rule: str = "paired"  # one of goals.RULES
+    ranges: RangeFlags = field(default_factory=RangeFlags)
     storage: str | None = None
-    study_name: str | None = None
-    out: Path | None = None
-
-    def check(self) -> None:
-        goals = [self.target_gflops is not None, self.target_reduction is not None, self.no_drop,
-                 self.min_agreement is not None, self.target_speedup is not None, self.target_latency_ms is not None]
-        if sum(goals) != 1:
-            raise UsageError(f"give exactly one goal: {param('target_gflops')} G, {param('target_reduction')} P, "
-                             f"{param('no_drop')}, {param('min_agreement')} P, {param('target_speedup')} S or "
-                             f"{param('target_latency_ms')} T")
-        if self.target_speedup is not None and not self.target_speedup > 1:
-            raise UsageError(f"{param('target_speedup')} is a factor over the unmerged model, above 1, got "
-                             f"{self.target_speedup}")
-        if self.target_latency_ms is not None and not self.target_latency_ms > 0:
-            raise UsageError(f"{param('target_latency_ms')} must be positive, got {self.target_latency_ms}")
-        if self.rule not in RULES:
-            raise UsageError(f"{param('rule')} is one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.target_reduction is not None and not 0 < self.target_reduction < 100:
-            raise UsageError(f"{param('target_reduction')} is a percentage in (0, 100), got {self.target_reduction}")
-        if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
-            raise UsageError(f"{param('min_agreement')} is a percentage in (0, 100], got {self.min_agreement}")
-        if self.target_gflops is not None and self.target_gflops <= 0:
-            raise UsageError(f"{param('target_gflops')} must be positive, got {self.target_gflops}")
-        if self.tolerance < 0:
-            raise UsageError(f"{param('tolerance')} must not be negative, got {self.tolerance}")
-        if self.tolerance and not self.no_drop:
-            raise UsageError(f"{param('tolerance')} goes with {param('no_drop')}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise UsageError(f"{param('timeout')} must be a positive number of seconds, got {self.timeout}")
-        if self.n_trials < 1:
-            raise UsageError(f"{param('n_trials')} must be at least 1, got {self.n_trials}")
-        if self.study_name is not None and self.storage is None:
-            raise UsageError(f"{param('study_name')} names a study in a storage; give {param('storage')} too")
-
-    @property
-    def speed(self) -> bool:
-        """A time goal: built once the device's latency model is measured (`speed.speed_goal`)."""
-        return self.target_speedup is not None or self.target_latency_ms is not None
-
-    @property
-    def goal_key(self) -> str:
-        """The key of the goal asked for (`Goal.key`), known before the model loads (default study names hold it)."""
-        if self.no_drop:
-            return NoDropGoal.key_of(self.tolerance)
-        if self.min_agreement is not None:
-            return AgreementGoal.key_of(self.min_agreement)
-        if self.speed:
-            return LatencyGoal.key_of(self.target_speedup, self.target_latency_ms)
-        return BudgetGoal.key_of(self.target_gflops, self.target_reduction)
-
-    def goal(self, unmerged_gflops: float) -> Goal:
-        """The goal asked for, other than a time goal; a budget not below the unmerged model's GFLOPs is refused."""
-        if self.no_drop:
-            return NoDropGoal(self.tolerance)
-        if self.min_agreement is not None:
-            return AgreementGoal(agreement=self.min_agreement)
-        budget = BudgetGoal(self.target_gflops or unmerged_gflops * (1 - self.target_reduction / 100),
-                            reduction=self.target_reduction)
-        check_budget(budget.target_gflops, unmerged_gflops)
-        return budget
+    study_name: str | None = None  # the study in `storage` (None: a new one, named by Optuna)
 
 
 @dataclass
 class CalibrationReport:
-    request: CalibrationRequest
     result: SearchResult
     config: ATMConfig
     tuning: Measured
-    reported: Measured  # on --eval-data when given, else the tuning images
+    reported: Measured  # on `DataSettings.eval_data` when given, else the tuning images
     shared_images: bool  # tuning and reporting used the same images
     reachable_gflops: tuple[float, float] | None
     constant: ATMConfig | None  # the constant threshold seeded into the study (None: a resumed study, or none met the goal)
     forward_passes: int  # images through the model for the search (baseline and range check included)
-    report_forward_passes: int  # images through the model to measure the result on --eval-data
+    report_forward_passes: int  # images through the model to measure the result on the report images
     preset: Preset
+    batch_size: int
+    storage: str | None  # where the trials are kept (None: in memory)
     speed: SpeedCheck | None = None  # a time goal's result timed for real
-    compiled: bool = False  # the model ran through torch.compile (--compile)
+    compiled: bool = False  # the model ran through torch.compile (`ModelSettings.compile`)
     compile_seconds: float = 0.0  # compiling while the search and the report ran (left out of every speed)
 
     def to_dict(self) -> dict:
@@ -187,7 +137,7 @@ class CalibrationReport:
             "top1": r.top1, "top5": r.top5, "gflops": r.gflops, "agreement": r.agreement,
             "baseline_top1": r.baseline_top1, "baseline_top5": r.baseline_top5, "baseline_gflops": r.baseline_gflops,
             "gflops_reduction": 100.0 * (1.0 - r.gflops / r.baseline_gflops),
-            "n_images": r.n_images, "data": r.data, "batch_size": self.request.batch_size,
+            "n_images": r.n_images, "data": r.data, "batch_size": self.batch_size,
             "shared_images": self.shared_images,
             "tuning": {"top1": t.top1, "gflops": t.gflops, "agreement": t.agreement, "baseline_top1": t.baseline_top1,
                        "n_images": t.n_images, "data": t.data},
@@ -207,96 +157,91 @@ class CalibrationReport:
             "report_forward_passes": self.report_forward_passes,
             "reachable_gflops": list(self.reachable_gflops) if self.reachable_gflops else None,
             "study_name": self.result.study_name,
-            "storage": redact(self.request.storage),
+            "storage": redact(self.storage),
             "preset": str(self.preset.path) if self.preset.path else None,
             "speed": self.speed.to_dict() if self.speed is not None else None,
             "compiled": self.compiled, "compile_seconds": self.compile_seconds,
         }
 
 
-def calibrate(request: CalibrationRequest, on_trial: Callable[[TrialEvent], None] | None = None,
+def calibrate(goal: Goal | Reduction | SpeedTarget, model: ModelSettings = ModelSettings(),
+              data: DataSettings = DataSettings(), search: SearchSettings = SearchSettings(),
+              on_trial: Callable[[TrialEvent], None] | None = None,
               on_stage: Callable[[str], None] | None = None) -> CalibrationReport:
-    """Search, measure the best setting (on --eval-data when given) and build (and save) its preset."""
-    request.check()
+    """Search for `goal`, measure the best setting (on `data.eval_data` when given) and build its preset."""
     stage = on_stage or (lambda message: None)
-    stage(f"loading {request.model}")
-    storage = open_storage(request.storage)  # a storage problem is found before the model and data load
-    loaded = load_model(request.model, request.checkpoint, request.pretrained, request.device, request.precision,
-                        unsafe_checkpoint=request.unsafe_checkpoint, compile=request.compile)
-    data, eval_data = _folders(request, loaded)
-    goal = None if request.speed else request.goal(loaded.unmerged_gflops)  # a time goal needs the latency model
-    stage(f"loading images from {data}")
-    images = _tuning_images(request, loaded, data, label_free=goal is not None and goal.label_free)
+    stage(f"loading {model.name}")
+    storage = open_storage(search.storage)  # a storage problem is found before the model and data load
+    loaded = model.load()
+    tuning_folder, eval_folder = _folders(data, loaded)
+    stage(f"loading images from {tuning_folder}")
+    images = _tuning_images(data, search.seed, loaded, tuning_folder, goal.label_free)
     # Trials see the images in a fixed random order (see ImageSet.in_fixed_random_order); the report below
     # measures in the folder's order, as `atm eval` does (ATM's r depends on which images share a batch).
-    source = Workload(loaded, preload(images.in_fixed_random_order(), request.batch_size, request.workers,
+    source = Workload(loaded, preload(images.in_fixed_random_order(), data.batch_size, data.workers,
                                       loaded.device), images.source)
     stage("measuring the search ranges")
-    space = request.ranges.resolve(source)
-    range_passes = len(source.batches[0][1]) if request.ranges.measures else 0
-    latency = None
-    if request.speed:
-        stage(f"timing the model on {loaded.device}")
-        latency = latency_for(source, space, request.latency_cache)
-        goal = speed_goal(latency, source.depth, request.target_speedup, request.target_latency_ms)
+    space = search.ranges.resolve(source)
+    range_passes = len(source.batches[0][1]) if search.ranges.measures else 0
+    goal, latency = goal.on_workload(source, space, stage)  # a time goal on the device's latency model
     stage("checking what the ranges reach")
     reachable = goal.check_reachable(source, space)
-    study = open_study(storage, request.study_name, goal, _setup(request, loaded, images, space), request.seed,
-                       request.n_trials)
+    study = open_study(storage, search.study_name, goal, _setup(data, loaded, images, space), search.seed,
+                       search.n_trials)
 
     with interruptible(study):  # Ctrl-C anywhere from here on says how many trials are kept
         reference = _reference(study, source, stage)
-        search = Search(source, reference, goal, space, PROBE_BATCHES, request.rule)
+        trials = Search(source, reference, goal, space, PROBE_BATCHES, search.rule)
         stage("seeding with a constant threshold")
-        constant = seed_constant(search, study, request.n_trials, on_trial)
+        constant = seed_constant(trials, study, search.n_trials, on_trial)
         finish_seeding(study)
         stage("searching")
-        result = search.run(study, request.n_trials, request.timeout, _known_good(loaded, goal, reference.gflops),
+        result = trials.run(study, search.n_trials, search.timeout, _known_good(loaded, goal, reference.gflops),
                             on_trial)
         config = result.best_config  # RunError when no trial met the goal
         speed = None
         if latency is not None:
             stage("timing the chosen setting against the unmerged model")
             # RunError (no merging) when it measured slower; a faster trial when it measured short of the goal
-            result, speed = time_choice(source, result, latency, seek_near(search, study, on_trial))
+            result, speed = time_choice(source, result, latency, seek_near(trials, study, on_trial))
             config = result.best_config
         forward_passes = range_passes + source.images_run
         tuning = Measured.of(Comparison(result.best.outcomes, reference, images.labelled), images.source,
-                             images.fingerprint, request.limit)
-        shared = eval_data is None or Path(eval_data).resolve() == Path(data).resolve()
-        report_images = images if shared else load_image_folder(eval_data, loaded)
+                             images.fingerprint, data.limit)
+        shared = eval_folder is None or Path(eval_folder).resolve() == Path(tuning_folder).resolve()
+        report_images = images if shared else load_image_folder(eval_folder, loaded)
         stage(f"measuring the best setting on {report_images.root}")
-        reported, report_source = _measure(config, report_images, request, loaded, request.limit if shared else None)
+        reported, report_source = _measure(config, report_images, data, loaded, data.limit if shared else None)
 
-    preset = _preset(request, loaded, config, goal, space, reported, tuning, shared, len(result.trials), speed)
-    if request.out is not None:
-        _save(preset, request, result, config)
-    return CalibrationReport(request=request, result=result, config=config, tuning=tuning, reported=reported,
-                             shared_images=shared, reachable_gflops=reachable, constant=constant,
-                             forward_passes=forward_passes, report_forward_passes=report_source.images_run,
-                             preset=preset, speed=speed, compiled=loaded.compiled,
+    preset = _preset(data, search.seed, loaded, config, goal, space, reported, tuning, shared, len(result.trials),
+                     speed)
+    return CalibrationReport(result=result, config=config, tuning=tuning, reported=reported, shared_images=shared,
+                             reachable_gflops=reachable, constant=constant, forward_passes=forward_passes,
+                             report_forward_passes=report_source.images_run, preset=preset,
+                             batch_size=data.batch_size, storage=search.storage, speed=speed,
+                             compiled=loaded.compiled,
                              compile_seconds=source.compile_seconds + report_source.compile_seconds)
 
 
-def _folders(request: CalibrationRequest, loaded: LoadedModel) -> tuple[Path, Path | None]:
+def _folders(data: DataSettings, loaded: LoadedModel) -> tuple[Path, Path | None]:
     """The images to tune on and those to report on (None: the same); atm-demo's bundled ones by default."""
-    demo_defaults = loaded.name == DEMO_MODEL_NAME and request.data is None
-    if request.data is None and not demo_defaults:
+    demo_defaults = loaded.name == DEMO_MODEL_NAME and data.data is None
+    if data.data is None and not demo_defaults:
         raise UsageError(f"give {param('data')} DIR (images to tune on) for {loaded.name}; only atm-demo has bundled ones")
-    data = DEMO_CALIB_DATA if demo_defaults else request.data
-    return data, DEMO_EVAL_DATA if demo_defaults and request.eval_data is None else request.eval_data
+    tuning = DEMO_CALIB_DATA if demo_defaults else data.data
+    return tuning, DEMO_EVAL_DATA if demo_defaults and data.eval_data is None else data.eval_data
 
 
-def _tuning_images(request: CalibrationRequest, loaded: LoadedModel, data: Path, label_free: bool) -> ImageSet:
+def _tuning_images(data: DataSettings, seed: int, loaded: LoadedModel, folder: Path, label_free: bool) -> ImageSet:
     if label_free:  # any folder of images: labels, where there are any, are not read
-        return load_unlabelled_images(data, loaded, limit=request.limit, seed=request.seed)
-    return load_image_folder(data, loaded, limit=request.limit, seed=request.seed)
+        return load_unlabelled_images(folder, loaded, limit=data.limit, seed=seed)
+    return load_image_folder(folder, loaded, limit=data.limit, seed=seed)
 
 
-def _setup(request: CalibrationRequest, loaded: LoadedModel, images: ImageSet, space: SearchSpace) -> dict:
+def _setup(data: DataSettings, loaded: LoadedModel, images: ImageSet, space: SearchSpace) -> dict:
     """What a resumed study must have been started with (`open_study` adds the goal)."""
     return {"model": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256, "data": images.fingerprint,
-            "order": "fixed-random", "batch_size": request.batch_size, "space": space.to_dict()}
+            "order": "fixed-random", "batch_size": data.batch_size, "space": space.to_dict()}
 
 
 def _reference(study: optuna.Study, source: Workload, stage: Callable[[str], None]) -> Outcomes:
@@ -310,25 +255,15 @@ def _reference(study: optuna.Study, source: Workload, stage: Callable[[str], Non
     return reference
 
 
-def _measure(config: ATMConfig, images: ImageSet, request: CalibrationRequest, loaded: LoadedModel,
+def _measure(config: ATMConfig, images: ImageSet, data: DataSettings, loaded: LoadedModel,
              limit: int | None) -> tuple[Measured, Workload]:
     """`config` beside the unmerged model on `images` in the folder's order, and the workload that ran them."""
-    workload = Workload(loaded, preload(images, request.batch_size, request.workers, loaded.device), images.source)
+    workload = Workload(loaded, preload(images, data.batch_size, data.workers, loaded.device), images.source)
     run = Comparison(workload.run(config), workload.baseline, images.labelled)
     return Measured.of(run, images.source, images.fingerprint, limit), workload
 
 
-def _save(preset: Preset, request: CalibrationRequest, result: SearchResult, config: ATMConfig) -> None:
-    try:
-        save_preset(preset, request.out)
-    except OSError as error:  # checked writable before the work: a disk that filled during it
-        kept = f"the trials are kept in {redact(request.storage)} (study {result.study_name})" if request.storage \
-            else f"no {param('storage')} kept the trials"
-        raise RunError(f"cannot write the preset to {request.out}: {error.strerror or error}; the chosen setting "
-                       f"is {config.to_params()}, {kept}") from None
-
-
-def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,
+def _preset(data: DataSettings, seed: int, loaded: LoadedModel, config: ATMConfig, goal: Goal, space: SearchSpace,
             reported: Measured, tuning: Measured, shared: bool, trials: int, speed: SpeedCheck | None = None) -> Preset:
     reduction = 100.0 * (1.0 - reported.gflops / reported.baseline_gflops)
     tuned_elsewhere = {} if shared else {
@@ -343,7 +278,7 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
         config,
         ModelInfo(name=loaded.name, tag=loaded.tag, num_classes=loaded.num_classes,
                   checkpoint_sha256=loaded.checkpoint_sha256),
-        request.batch_size,
+        data.batch_size,
         reported,
         source="atm calibrate",
         description=f"{loaded.name}, atm calibrate ({goal.describe()}): {reported.gflops:.4g} GFLOPs "
@@ -351,6 +286,6 @@ def _preset(request: CalibrationRequest, loaded: LoadedModel, config: ATMConfig,
                                                  f"{reported.agreement:.2f}% agreement") +
                     f" on {reported.n_images} images" +
                     ("" if speed is None else f", {speed.chosen.speedup:.2f}x measured on {speed.device}"),
-        trials=trials, seed=request.seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
+        trials=trials, seed=seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
         **measured_on, **timed,
     )

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import optuna
 
     from atm_cli.evaluation import Workload
+    from atm_cli.evaluation.latency import LatencyModel
     from atm_cli.presets import Measured
 
 RULES = ("paired", "argmax")
@@ -98,6 +99,12 @@ class Goal:
 
     def choose(self, trials: Sequence[Candidate], reference_hits: np.ndarray, rule: str = "paired") -> Candidate | None:
         raise NotImplementedError
+
+    def on_workload(self, source: Workload, space: SearchSpace,
+                    stage: Callable[[str], None]) -> tuple[Goal, LatencyModel | None]:
+        """The goal the search runs on `source` in `space` (a goal asked as a `Reduction` or a `speed.SpeedTarget`
+        becomes one here), and the device's latency model a time goal is built on (None: not a time goal)."""
+        return self, None
 
     def check_reachable(self, source: Workload, space: SearchSpace) -> tuple[float, float] | None:
         """Refuse a goal no setting in `space` is predicted to meet (UsageError), before the search; the GFLOPs
@@ -242,6 +249,22 @@ class BudgetGoal(CappedGoal):
         return (f"trial {best.number} ({best.top1:.2f}% top-1, {best.gflops:.4g} GFLOPs) scores higher by more "
                 f"than chance than every trial within {100 * (1 - SPEND):g}% of the budget (best of them: trial "
                 f"{near.number}, {near.top1:.2f}% at {near.gflops:.4g} GFLOPs)")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A GFLOPs budget asked as `percent` fewer GFLOPs than the unmerged model's: a `BudgetGoal` on the workload."""
+
+    percent: float
+    label_free = False
+
+    @property
+    def key(self) -> str:
+        return BudgetGoal.key_of(None, self.percent)
+
+    def on_workload(self, source: Workload, space: SearchSpace,
+                    stage: Callable[[str], None]) -> tuple[BudgetGoal, None]:
+        return BudgetGoal(source.loaded.unmerged_gflops * (1 - self.percent / 100), reduction=self.percent), None
 
 
 @dataclass(frozen=True)

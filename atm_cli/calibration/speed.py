@@ -58,6 +58,28 @@ def speed_goal(latency: LatencyModel, depth: int, speedup: float | None = None,
 
 
 @dataclass(frozen=True)
+class SpeedTarget:
+    """A time goal as asked: at least `speedup` over the unmerged model, or at most `latency_ms` per batch, as the
+    device's latency model predicts (cached in `cache`; None: $ATM_CACHE or ~/.cache/atm): a `LatencyGoal` on the
+    workload, once the model is timed there."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+    cache: Path | None = None
+    label_free = False
+
+    @property
+    def key(self) -> str:
+        return LatencyGoal.key_of(self.speedup, self.latency_ms)
+
+    def on_workload(self, source: Workload, space: SearchSpace,
+                    stage: Callable[[str], None]) -> tuple[LatencyGoal, LatencyModel]:
+        stage(f"timing the model on {source.loaded.device}")
+        latency = latency_for(source, space, self.cache)
+        return speed_goal(latency, source.depth, self.speedup, self.latency_ms), latency
+
+
+@dataclass(frozen=True)
 class SpeedCheck:
     """The chosen setting (and the runner-up) timed for real on the target device."""
 

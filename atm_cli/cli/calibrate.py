@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from atm_cli.errors import UsageError, param
 
 from . import checks
 from . import model_data as options
@@ -17,7 +18,7 @@ from . import ranges
 from . import speed_options
 
 if TYPE_CHECKING:
-    from atm_cli.calibration import CalibrationReport, TrialEvent
+    from atm_cli.calibration import CalibrationReport, Goal, Reduction, SpeedTarget, TrialEvent
 
 
 def command(
@@ -85,28 +86,24 @@ def command(
     """Find ATM's alpha, beta, theta_min for a GFLOPs or time budget, or the cheapest with no drop, as a preset."""
     import optuna
 
-    from atm_cli.calibration import CalibrationRequest, calibrate
+    from atm_cli.calibration import DataSettings, ModelSettings, SearchSettings, calibrate
     from atm_cli.calibration.study import finished_trials, redact
     from atm_cli.presets import save_preset
 
     space = ranges.range_flags(paper_ranges, alpha_range, beta_range, theta_min_range, step, split_layer,
                                search_split_layer)
-    request = CalibrationRequest(
-        model=model, checkpoint=checkpoint, unsafe_checkpoint=unsafe_checkpoint, pretrained=not no_pretrained,
-        data=data, eval_data=eval_data, limit=limit, target_gflops=target_gflops, target_reduction=target_reduction,
-        no_drop=no_drop, tolerance=tolerance, min_agreement=min_agreement, target_speedup=target_speedup,
-        target_latency_ms=target_latency_ms, latency_cache=cache_dir, n_trials=n_trials, timeout=timeout,
-        seed=seed, rule=rule, ranges=space, batch_size=batch_size, workers=workers, device=device, precision=precision,
-        compile=compile, storage=storage, study_name=study_name)  # --out is written here, after the table and --json
-    request.check()
-    checks.check_output(out, "--out")
+    _check(target_gflops, target_reduction, no_drop, tolerance, min_agreement, target_speedup, target_latency_ms,
+           rule, timeout, storage, study_name)
+    goal = _goal(target_gflops, target_reduction, no_drop, tolerance, min_agreement, target_speedup,
+                 target_latency_ms, cache_dir)
+    checks.check_output(out, "--out")  # --out is written here, after the table and --json
     # The progress bar below reports every trial; a trial Ctrl-C cuts short is reported in one line, not Optuna's.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     console = Console(stderr=True)
-    request.model = options.resolve_model(console, model)
+    model = options.resolve_model(console, model)
     if storage is not None and study_name is None:
-        request.study_name = study_name = f"atm-calibrate-{request.model}-{request.goal_key}"
+        study_name = f"atm-calibrate-{model}-{goal.key}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                TimeElapsedColumn())
     try:
@@ -120,8 +117,14 @@ def command(
                 text = f"best: {scored}{best.gflops:.4g} GFLOPs (trial {best.number})" if best else ""
                 bar.update(task, description=f"trial {event.trial.number}", completed=event.done, best=text)
 
-            report = calibrate(request, on_trial=on_trial,
-                               on_stage=lambda message: bar.update(task, description=message))
+            report = calibrate(
+                goal,
+                ModelSettings(model, checkpoint, pretrained=not no_pretrained, device=device, precision=precision,
+                              unsafe_checkpoint=unsafe_checkpoint, compile=compile),
+                DataSettings(data, eval_data, limit=limit, batch_size=batch_size, workers=workers),
+                SearchSettings(n_trials, timeout, seed=seed, rule=rule, ranges=space, storage=storage,
+                               study_name=study_name),
+                on_trial=on_trial, on_stage=lambda message: bar.update(task, description=message))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (app.main): the count is the study's own, wherever it landed
         kept = f"{finished_trials(storage, study_name)} finished trials are kept in {redact(storage)} (study " \
                f"{study_name}); run the same command to " \
@@ -131,7 +134,7 @@ def command(
 
     result = report.to_dict()
     console.print(_table(report, result))
-    _print_notes(console, report, result)
+    _print_notes(console, report, result, pretrained=not no_pretrained)
     try:
         if out is not None:  # checked writable before the work; a disk that filled during it loses no result
             trials = f"the trials are kept in {redact(storage)} (study {study_name})" if storage \
@@ -144,6 +147,58 @@ def command(
     finally:
         if json_output:
             typer.echo(json.dumps(result))
+
+
+def _check(target_gflops: Optional[float], target_reduction: Optional[float], no_drop: bool, tolerance: float,
+           min_agreement: Optional[float], target_speedup: Optional[float], target_latency_ms: Optional[float],
+           rule: str, timeout: Optional[float], storage: Optional[str], study_name: Optional[str]) -> None:
+    """Refuse flags that ask for no goal or several, values out of their range, and flags that go with others."""
+    from atm_cli.calibration.goals import RULES
+
+    goals = [target_gflops is not None, target_reduction is not None, no_drop, min_agreement is not None,
+             target_speedup is not None, target_latency_ms is not None]
+    if sum(goals) != 1:
+        raise UsageError(f"give exactly one goal: {param('target_gflops')} G, {param('target_reduction')} P, "
+                         f"{param('no_drop')}, {param('min_agreement')} P, {param('target_speedup')} S or "
+                         f"{param('target_latency_ms')} T")
+    if target_speedup is not None and not target_speedup > 1:
+        raise UsageError(f"{param('target_speedup')} is a factor over the unmerged model, above 1, got "
+                         f"{target_speedup}")
+    if target_latency_ms is not None and not target_latency_ms > 0:
+        raise UsageError(f"{param('target_latency_ms')} must be positive, got {target_latency_ms}")
+    if rule not in RULES:
+        raise UsageError(f"{param('rule')} is one of {', '.join(RULES)}, got {rule!r}")
+    if target_reduction is not None and not 0 < target_reduction < 100:
+        raise UsageError(f"{param('target_reduction')} is a percentage in (0, 100), got {target_reduction}")
+    if min_agreement is not None and not 0 < min_agreement <= 100:
+        raise UsageError(f"{param('min_agreement')} is a percentage in (0, 100], got {min_agreement}")
+    if target_gflops is not None and target_gflops <= 0:
+        raise UsageError(f"{param('target_gflops')} must be positive, got {target_gflops}")
+    if tolerance < 0:
+        raise UsageError(f"{param('tolerance')} must not be negative, got {tolerance}")
+    if tolerance and not no_drop:
+        raise UsageError(f"{param('tolerance')} goes with {param('no_drop')}")
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"{param('timeout')} must be a positive number of seconds, got {timeout}")
+    if study_name is not None and storage is None:
+        raise UsageError(f"{param('study_name')} names a study in a storage; give {param('storage')} too")
+
+
+def _goal(target_gflops: Optional[float], target_reduction: Optional[float], no_drop: bool, tolerance: float,
+          min_agreement: Optional[float], target_speedup: Optional[float], target_latency_ms: Optional[float],
+          cache_dir: Optional[Path]) -> Goal | Reduction | SpeedTarget:
+    """The goal the (checked) goal flags ask for."""
+    from atm_cli.calibration import AgreementGoal, BudgetGoal, NoDropGoal, Reduction, SpeedTarget
+
+    if no_drop:
+        return NoDropGoal(tolerance)
+    if min_agreement is not None:
+        return AgreementGoal(agreement=min_agreement)
+    if target_speedup is not None or target_latency_ms is not None:
+        return SpeedTarget(target_speedup, target_latency_ms, cache_dir)
+    if target_reduction is not None:
+        return Reduction(target_reduction)
+    return BudgetGoal(target_gflops)
 
 
 def _table(report: CalibrationReport, result: dict) -> Table:
@@ -179,7 +234,7 @@ def _percent(value: Optional[float]) -> str:
     return "no labels" if value is None else f"{value:.2f}"
 
 
-def _print_notes(console: Console, report: CalibrationReport, result: dict) -> None:
+def _print_notes(console: Console, report: CalibrationReport, result: dict, pretrained: bool) -> None:
     naive = result["naive_forward_passes"]
     share = 100.0 * result["study_forward_passes"] / naive if naive else 0
     console.print(f"search: {result['n_trials']} trials in the study, {result['trials_run']} run here "
@@ -208,7 +263,7 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict) -> N
     if report.reachable_gflops:
         low, high = report.reachable_gflops
         console.print(f"the ranges reach {low:.4g}-{high:.4g} GFLOPs (first batch)", highlight=False)
-    if not report.request.pretrained:
+    if not pretrained:
         console.print(options.RANDOM_WEIGHTS_NOTE, highlight=False)
     if report.shared_images:
         console.print("note: tuned and reported on the same images, so top-1 is optimistic; "
