@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from atm_cli.cli.eval import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from atm_cli.cli.eval import DEFAULT_WORKERS
+from atm_cli.cli.model_data import DEFAULT_BATCH_SIZE
 from atm_cli.cli.method_options import MethodFlags
 from atm_cli.engine import merging
 from atm_cli.evaluation import DEMO_EVAL_DATA, iterate_batches, load_image_folder, load_model, make_loader

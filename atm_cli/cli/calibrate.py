@@ -32,7 +32,7 @@ def command(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", metavar="DIR",
                                              help="Held-out ImageFolder the chosen setting is reported on. Default "
                                                   "(atm-demo, no --data): the bundled 2,000 test images."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Tune on a class-balanced subset of --data."),
+    limit: Optional[int] = options.limit_option(help="Tune on a class-balanced subset of --data."),
     target_gflops: Optional[float] = typer.Option(None, "--target-gflops", metavar="G",
                                                   help="Maximise top-1 subject to GFLOPs per image <= G."),
     target_reduction: Optional[float] = typer.Option(None, "--target-reduction", metavar="P",
@@ -53,10 +53,9 @@ def command(
                                                       help="Maximise top-1 at a predicted time of at most T ms per "
                                                            "batch on this device (as --target-speedup)."),
     cache_dir: Optional[Path] = speed_options.CACHE_DIR,
-    n_trials: int = typer.Option(30, "--n-trials", min=1,
-                                 help="Trials in the study (a resumed study continues up to this many)."),
+    n_trials: int = options.n_trials_option("Trials in the study (a resumed study continues up to this many)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", metavar="S", help="Stop starting trials after S seconds."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the --limit subset."),
+    seed: int = options.seed_option("the sampler and of the --limit subset"),
     rule: str = typer.Option("paired", "--rule", metavar="paired|argmax",
                              help="How the setting is chosen among the trials: paired (budget: the most GFLOPs "
                                   "among those tied with the best; no-drop: the cheapest a paired test does not "
@@ -74,9 +73,8 @@ def command(
                                                "Optuna journal file, to resume or to search with several processes."),
     study_name: Optional[str] = typer.Option(None, "--study-name", metavar="NAME",
                                              help="The study in --storage (default: from the model and the goal)."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1,
-                                   help="Images per batch (ATM's r depends on it; the preset records it)."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes (images are loaded once)."),
+    batch_size: int = options.batch_size_option(aside="; the preset records it"),
+    workers: int = options.workers_option(0, " (images are loaded once)"),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
     compile: str = options.COMPILE,

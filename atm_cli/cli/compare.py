@@ -30,7 +30,7 @@ def command(
     budgets: str = typer.Option(",".join(f"{100 * b:g}" for b in BUDGETS), "--budgets", metavar="LIST",
                                 help="Budgets in percent of the unmerged model's GFLOPs (--by time: of its time per "
                                      "batch), comma-separated."),
-    n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: calibration trials per budget."),
+    n_trials: int = options.n_trials_option("ATM: calibration trials per budget."),
     plot: Optional[Path] = options.plot_option("top-1 against GFLOPs (--by time: measured speedup)"),
     paper_ranges: bool = ranges.PAPER_RANGES,
     alpha_range: Optional[str] = ranges.ALPHA_RANGE,

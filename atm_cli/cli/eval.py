@@ -25,7 +25,6 @@ from .method_options import MethodFlags
 if TYPE_CHECKING:
     from atm_cli.evaluation import EvalReport
 
-DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 RESULT_SUFFIXES = (".csv", ".json")
 # The columns of a --results-file CSV (EvalReport.to_dict's keys): a file with others is refused before the pass.
@@ -55,15 +54,14 @@ def command(
     theta_min: Optional[float] = methods.THETA_MIN,
     split_layer: Optional[int] = methods.SPLIT_LAYER,
     r: Optional[str] = methods.R,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
-                                             help=f"Images per batch (ATM's r depends on it). Default: the "
-                                                  f"preset's, else {DEFAULT_BATCH_SIZE}."),
-    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="Image loading processes."),
+    batch_size: Optional[int] = options.batch_size_option(
+        None, then=f" Default: the preset's, else {options.DEFAULT_BATCH_SIZE}."),
+    workers: int = options.workers_option(DEFAULT_WORKERS),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
     compile: str = options.COMPILE,
     limit: Optional[int] = options.LIMIT,
-    seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
+    seed: int = options.seed_option("the --limit subset"),
     json_output: bool = options.JSON,
     results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE",
                                                 help="Append a row to a .csv file, or write the JSON object to a "
@@ -85,7 +83,7 @@ def command(
     console = Console(stderr=True)
     loaded = options.load(console, model, checkpoint, not no_pretrained, device, precision, unsafe_checkpoint, compile)
     choice = flags.resolve(loaded.name, loaded.checkpoint_sha256, force)
-    batch_size = batch_size or choice.batch_size or DEFAULT_BATCH_SIZE
+    batch_size = batch_size or choice.batch_size or options.DEFAULT_BATCH_SIZE
     images = load_image_folder(data if data is not None else DEMO_EVAL_DATA, loaded, class_map=class_map,
                                strict=strict, limit=limit, seed=seed)
     console.print(f"{loaded.name} on {images.n_files} images from {images.root}, batch {batch_size}, "

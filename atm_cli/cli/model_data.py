@@ -38,9 +38,35 @@ UNSAFE_CHECKPOINT = typer.Option(False, "--unsafe-checkpoint",
                                       "Unpickling runs code from the file: only for files you trust.")
 # One switch, not --pretrained/--no-pretrained: a second name widens every command's help past 80 columns.
 NO_PRETRAINED = typer.Option(False, "--no-pretrained", help="Random weights (for GFLOPs and token counts).")
-BATCH_SIZE = typer.Option(128, "--batch-size", min=1, help="Images per batch (ATM's r depends on it).")
-LIMIT = typer.Option(None, "--limit", min=1, help="Use a class-balanced subset of this many images.")
-SEED = typer.Option(0, "--seed", help="Seed of the --limit subset and of the search.")
+DEFAULT_BATCH_SIZE = 128
+
+
+def batch_size_option(default: int | None = DEFAULT_BATCH_SIZE, aside: str = "",
+                      then: str = "") -> typer.models.OptionInfo:
+    """--batch-size; its help says `aside` inside its parenthesis and `then` after it."""
+    return typer.Option(default, "--batch-size", min=1, help=f"Images per batch (ATM's r depends on it{aside}).{then}")
+
+
+def workers_option(default: int, aside: str = "") -> typer.models.OptionInfo:
+    return typer.Option(default, "--workers", min=0, help=f"Image loading processes{aside}.")
+
+
+def limit_option(default: int | None = None,
+                 help: str = "Use a class-balanced subset of this many images.") -> typer.models.OptionInfo:
+    return typer.Option(default, "--limit", min=1, help=help)
+
+
+def seed_option(of: str = "the --limit subset and of the search") -> typer.models.OptionInfo:
+    return typer.Option(0, "--seed", help=f"Seed of {of}.")
+
+
+def n_trials_option(help: str) -> typer.models.OptionInfo:
+    return typer.Option(30, "--n-trials", min=1, help=help)
+
+
+BATCH_SIZE = batch_size_option()
+LIMIT = limit_option()
+SEED = seed_option()
 DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda|cuda:N")
 PRECISION = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
                          help="Autocast dtype of the model (fp16 needs CUDA). The engine scores and merges in "

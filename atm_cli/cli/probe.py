@@ -30,7 +30,7 @@ def command(
                                    help="Constant thresholds to probe, comma-separated."),
     plot: Optional[Path] = options.plot_option("the figure"),
     batch_size: int = options.BATCH_SIZE,
-    limit: int = typer.Option(PROBE_LIMIT, "--limit", min=1, help="A class-balanced subset of this many images."),
+    limit: int = options.limit_option(PROBE_LIMIT, "A class-balanced subset of this many images."),
     seed: int = options.SEED,
     device: str = options.DEVICE,
     json_output: bool = options.JSON,

@@ -29,7 +29,7 @@ def command(
     methods: str = options.METHODS,
     tolerance: float = typer.Option(0.0, "--tolerance", min=0.0,
                                     help="Allowed top-1 drop in percentage points (0: no drop at all)."),
-    n_trials: int = typer.Option(30, "--n-trials", min=1, help="ATM: trials of the calibration search."),
+    n_trials: int = options.n_trials_option("ATM: trials of the calibration search."),
     paper_ranges: bool = ranges.PAPER_RANGES,
     alpha_range: Optional[str] = ranges.ALPHA_RANGE,
     beta_range: Optional[str] = ranges.BETA_RANGE,
