@@ -8,6 +8,7 @@ import pytest
 
 from atm_cli.calibration.goals import AgreementGoal, BudgetGoal, NoDropGoal, beats
 from atm_cli.calibration.space import measured_space, nice_step
+from atm_cli.cli.ranges import origin
 from atm_cli.evaluation import BatchOutcome, Outcomes, agreement
 
 
@@ -138,7 +139,7 @@ def test_range_flags_override_a_measured_space_and_say_so():
     measured = measured_space(sims, 64, 32, 4)
     given = measured.overridden(theta_min=(0.6, 0.9))
     assert given.theta_min == (0.6, 0.9) and given.alpha == measured.alpha and given.step == measured.step
-    assert given.origin.startswith("measured") and "--theta-min-range from the command line" in given.origin
+    assert origin(given).startswith("measured") and "--theta-min-range from the command line" in origin(given)
     everything = measured.overridden((0.5, 1.0), (0.0, 0.1), (0.3, 1.0), 0.01)
-    assert everything.origin == "--alpha-range, --beta-range, --theta-min-range, --step from the command line"
+    assert origin(everything) == "--alpha-range, --beta-range, --theta-min-range, --step from the command line"
     assert measured.overridden() is measured

@@ -1,4 +1,5 @@
-"""The search-range flags, resolved against the model and its batches (the one boundary where ranges are measured)."""
+"""The search ranges asked for, resolved against the model and its batches (the one boundary where ranges are
+measured)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from .space import SearchSpace, measured_space
 
 @dataclass(frozen=True)
 class RangeFlags:
-    """The search-range flags as given (None: not given): measured ranges unless `paper`, flags override."""
+    """The search ranges asked for (None: not given): measured ranges unless `paper`; those given override."""
 
     paper: bool = False
     alpha: tuple[float, float] | None = None

@@ -40,7 +40,9 @@ class SearchSpace:
     beta_step: float = PAPER_STEP
     split_layer: int | None = None  # a fixed split layer (None: the engine's default, round(0.75 * depth))
     search_split_layer: bool = False  # search the split layer over 0..depth instead
-    origin: str = PAPER_ORIGIN  # where the ranges came from, for the output and the preset's provenance
+    # Where the ranges came from, for the output and the preset's provenance (None: every range was given) ...
+    origin: str | None = PAPER_ORIGIN
+    given: tuple[str, ...] = ()  # ... and the parameters given in place of its ranges (alpha_range, ..., step)
 
     def validate(self, depth: int) -> None:
         """Refuse ranges that are empty, off the grid's scale, or that contradict each other."""
@@ -116,19 +118,21 @@ class SearchSpace:
 
     def overridden(self, alpha: tuple[float, float] | None = None, beta: tuple[float, float] | None = None,
                    theta_min: tuple[float, float] | None = None, step: float | None = None) -> SearchSpace:
-        """This space with the ranges given by flags in place of its own, and its origin saying so."""
+        """This space with the ranges given in place of its own, and which were given (`given`)."""
         given = {name: value for name, value in (("alpha", alpha), ("beta", beta), ("theta_min", theta_min))
                  if value is not None}
         if not given and step is None:
             return self
-        flags = (", ".join(f"--{name.replace('_', '-')}-range" for name in given) + (", --step" if step else "")).lstrip(", ")
         everything = len(given) == 3 and step is not None
         return replace(self, **given, **({"step": step, "beta_step": step} if step else {}),
-                       origin=f"{flags} from the command line" if everything else
-                       f"{self.origin}; {flags} from the command line")
+                       given=tuple(f"{name}_range" for name in given) + (("step",) if step else ()),
+                       origin=None if everything else self.origin)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if not self.given:  # as spaces were recorded before `given` was (their studies resume)
+            del record["given"]
+        return record
 
 
 def nice_step(width: float, points: int) -> float:

@@ -130,7 +130,8 @@ def command(
         console.print(f"interrupted: {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(options.INTERRUPTED_EXIT_CODE) from None
 
-    result = report.to_dict()
+    report.preset.provenance.search_space = ranges.space_record(report.result.space)
+    result = ranges.with_space(report.to_dict(), report.result.space)
     console.print(_table(report, result))
     _print_notes(console, report, result, pretrained=not no_pretrained)
     try:
@@ -140,7 +141,7 @@ def command(
             checks.written_or_said(out, "--out", lambda path: save_preset(report.preset, path),
                                    f"the chosen setting is in the table above{' and on stdout (--json)' if json_output else ''}"
                                    f", {trials}")
-            result = report.to_dict()  # with the preset's path
+            result = ranges.with_space(report.to_dict(), report.result.space)  # with the preset's path
             console.print(f"preset written to {out}", highlight=False)
     finally:
         if json_output:
@@ -244,7 +245,7 @@ def _print_notes(console: Console, report: CalibrationReport, result: dict, pret
                       highlight=False)
     space = report.result.space
     console.print(f"ranges: alpha {space.alpha[0]:g}-{space.alpha[1]:g}, beta {space.beta[0]:g}-{space.beta[1]:g}, "
-                  f"theta_min {space.theta_min[0]:g}-{space.theta_min[1]:g} (step {space.step:g}), {space.origin}",
+                  f"theta_min {space.theta_min[0]:g}-{space.theta_min[1]:g} (step {space.step:g}), {ranges.origin(space)}",
                   highlight=False)
     if report.constant is not None:
         console.print(f"seeded with the constant threshold {report.constant.alpha:g} (alpha = theta_min, beta = 0)",

@@ -72,7 +72,8 @@ def command(
         report = compare(workload, names, shares, n_trials, seed, ranges=space, progress=progress,
                          keep_partial=True, by=budgeted, latency_folder=cache_dir)
     summary = Group(compare_table(report, workload.loaded.name), Text(speed.timing_note(report.timing)))
-    options.finish(console, summary, report.to_dict(), json_output, plot, lambda path: plot_compare(report, path),
+    options.finish(console, summary, ranges.with_space(report.to_dict(), report.space), json_output, plot,
+                   lambda path: plot_compare(report, path),
                    interrupted=f"{len(report.points)} of {len(report.methods) * len(report.budgets)} points finished "
                    "before it" if report.interrupted else None)
 

@@ -1,9 +1,12 @@
-"""The one table from the library's parameter names (as `errors.param` marks them in messages) to the
-command line's flags: an error the library raises names `batch_size`, the command line `--batch-size`."""
+"""The one table from the library's parameter names (as `errors.param` marks them in messages, and
+`SearchSpace.given` lists the ranges given) to the command line's flags: an error the library raises names
+`batch_size`, the command line `--batch-size`."""
 from __future__ import annotations
 
 FLAGS = {
+    "alpha_range": "--alpha-range",
     "batch_size": "--batch-size",
+    "beta_range": "--beta-range",
     "by": "--by",
     "checkpoint": "--checkpoint",
     "class_map": "--class-map",
@@ -21,6 +24,7 @@ FLAGS = {
     "rule": "--rule",
     "search_split_layer": "--search-split-layer",
     "split_layer": "--split-layer",
+    "step": "--step",
     "storage": "--storage",
     "study_name": "--study-name",
     "target_gflops": "--target-gflops",

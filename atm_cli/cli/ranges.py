@@ -9,9 +9,11 @@ from atm_cli.errors import UsageError
 from atm_cli.paper import PAPER_ALPHA, PAPER_BETA, PAPER_STEP, PAPER_THETA_MIN
 
 from . import checks
+from .flags import flag_of
 
 if TYPE_CHECKING:
     from atm_cli.calibration.ranges import RangeFlags
+    from atm_cli.calibration.space import SearchSpace
 
 
 def _paper(bounds: tuple[float, float]) -> str:
@@ -54,3 +56,23 @@ def range_flags(paper: bool, alpha: Optional[str], beta: Optional[str], theta_mi
     return RangeFlags(paper=paper, alpha=_range(alpha, "--alpha-range"), beta=_range(beta, "--beta-range"),
                       theta_min=_range(theta_min, "--theta-min-range"), step=step, split_layer=split_layer,
                       search_split_layer=search_split_layer)
+
+
+def origin(space: SearchSpace) -> str:
+    """Where the space's ranges came from, those given named by their flags."""
+    if not space.given:
+        return space.origin
+    given = f"{', '.join(flag_of(name) for name in space.given)} from the command line"
+    return given if space.origin is None else f"{space.origin}; {given}"
+
+
+def space_record(space: SearchSpace) -> dict:
+    """`space.to_dict()` as --json and the preset's provenance record it: its origin as `origin` words it."""
+    record = {**space.to_dict(), "origin": origin(space)}
+    record.pop("given", None)
+    return record
+
+
+def with_space(result: dict, space: SearchSpace) -> dict:
+    """A report's --json with its search space as `space_record` gives it."""
+    return {**result, "search_space": space_record(space)}

@@ -71,7 +71,7 @@ def command(
     done = ", ".join(result.method for result in report.methods) or "none"
     notes = [speed.timing_note(report.timing), ahead_of_atm_note(report)]
     options.finish(console, Group(stress_table(report, workload.loaded.name), *(Text(n) for n in notes if n)),
-                   report.to_dict(), json_output,
+                   ranges.with_space(report.to_dict(), report.space), json_output,
                    interrupted=f"methods finished before it: {done}" if report.interrupted else None)
 
 
