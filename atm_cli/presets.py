@@ -75,7 +75,8 @@ class Provenance:
     optuna_version: str | None = None
     trials: int | None = None
     seed: int | None = None
-    target: str | None = None  # e.g. "gflops <= 0.85" or "no-drop, tolerance 0.0"
+    target: str | None = None  # the goal in words, e.g. "max top-1 subject to GFLOPs <= 0.85"
+    goal: str | None = None  # the goal's key (`Goal.key`, e.g. "gflops-0.85", "no-drop"): what code identifies it by
     tuning_data: str | None = None  # when the preset was tuned on other images than `measured`
     tuning_data_fingerprint: str | None = None
     tuning_top1: float | None = None
@@ -127,7 +128,7 @@ class Preset:
 
 # Keys added to schema version 1 later: written only when they have a value, so older files read back unchanged.
 LATER_KEYS = frozenset({"agreement", "baseline_top5", "search_space", "speedup", "speedup_spread", "device",
-                        "compiled"})
+                        "compiled", "goal"})
 
 
 def _written(section: Any) -> dict[str, Any]:

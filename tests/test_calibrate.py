@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -30,7 +31,7 @@ from atm_cli.engine import ATMConfig, threshold_schedule
 from atm_cli.errors import UsageError
 from atm_cli.presets import load_preset
 
-from helpers import calibrate_args
+from helpers import a_preset, calibrate_args
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -151,6 +152,18 @@ def test_known_good_settings_run_first():
     known = ATMConfig(alpha=0.99, beta=0.04, theta_min=0.86)
     _, _, result = run_search(HandBuilt(), BudgetGoal(0.7), n_trials=3, known_good=[known])
     assert config_of(result.trials[0].params) == known
+
+
+def test_first_trials_are_presets_made_for_the_goal_by_its_key_or_an_older_preset_by_its_prose(monkeypatch):
+    goal = BudgetGoal(3.3)
+    by_key, by_prose, other = (a_preset(method=ATMConfig(alpha, 0.0, alpha)) for alpha in (0.9, 0.91, 0.92))
+    by_key.provenance.goal, by_key.measured.gflops = goal.key, 2.0
+    by_prose.provenance.target, by_prose.measured.gflops = goal.describe(), 1.9  # made before presets kept keys
+    other.provenance.goal, other.measured.gflops = BudgetGoal(3.25).key, 3.2  # the nearest, for another goal
+    workflow = sys.modules["atm_cli.calibration.calibrate"]
+    monkeypatch.setattr(workflow, "list_presets", lambda name, sha256: [other, by_prose, by_key])
+    loaded = SimpleNamespace(name=by_key.model.name, checkpoint_sha256=by_key.model.checkpoint_sha256)
+    assert workflow._known_good(loaded, goal, 4.6) == [by_key.method, by_prose.method]
 
 
 def chance_of_finishing_level(seen: int, remaining: int, won: int, lost: int, rng, draws: int = 40000) -> float:

@@ -62,7 +62,8 @@ def _known_good(loaded: LoadedModel, goal: Goal, reference_gflops: float) -> lis
     presets = [p for p in list_presets(loaded.name, loaded.checkpoint_sha256)
                if p.method_name == ATMConfig.NAME and p.measured.baseline_gflops
                and goal.nearness(p.measured, reference_gflops) is not None]
-    chosen = sorted(presets, key=lambda p: (not goal.is_named_by(p.provenance.target),
+    # A preset made before presets recorded the goal's key names its goal by its description.
+    chosen = sorted(presets, key=lambda p: (not goal.is_named_by(p.provenance.goal or p.provenance.target),
                                             *goal.nearness(p.measured, reference_gflops)))
     return [p.method for p in chosen[:KNOWN_GOOD]]
 
@@ -286,6 +287,6 @@ def _preset(data: DataSettings, seed: int, loaded: LoadedModel, config: ATMConfi
                                                  f"{reported.agreement:.2f}% agreement") +
                     f" on {reported.n_images} images" +
                     ("" if speed is None else f", {speed.chosen.speedup:.2f}x measured on {speed.device}"),
-        trials=trials, seed=seed, target=goal.describe(), search_space=space.to_dict(), **tuned_elsewhere,
-        **measured_on, **timed,
+        trials=trials, seed=seed, target=goal.describe(), goal=goal.key, search_space=space.to_dict(),
+        **tuned_elsewhere, **measured_on, **timed,
     )

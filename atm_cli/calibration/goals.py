@@ -77,8 +77,8 @@ class Goal:
         raise NotImplementedError
 
     def is_named_by(self, recorded: str | None) -> bool:
-        """Whether a recorded goal is this one: its key, or its description, which presets record and studies
-        made before goals had keys recorded."""
+        """Whether a recorded goal is this one: its key, or its description, which presets and studies made before
+        goals had keys recorded."""
         return recorded in (self.key, self.describe())
 
     def hits(self, outcomes: Outcomes, reference: Outcomes) -> np.ndarray:
