@@ -18,6 +18,12 @@ g. For each g this runs, eagerly (shapes are decided by the data, not by the com
   with the ATM setting that `benchmarks/engine.py`'s `atm_for` finds for about 30% fewer GFLOPs on
   the first batch.
 
+Token buckets (`--buckets`, demo part): the compiled path's answer that keeps the paper's r. The exact
+setting (g = 1) is compiled (`compile_patched(token_bucket=P)`, `--backend`: aot_eager captures and
+guards as inductor does, without code generation) and run over the same full batches: graphs compiled
+in all and first in the second half (0: none new), whether every batch's token counts equal the eager
+run's, and the padding's cost: tokens through the blocks with padding over those without.
+
 The images run in one fixed pseudo-random order (`--order folder`: the folder's, whose batches hold one
 or two classes), batch `--batch-size`. Per setting and g: distinct (block, tokens in, r) shapes and
 distinct whole token-count sequences over the full batches (the compiled model runs a short last batch
@@ -29,6 +35,7 @@ weights, where top-1 means nothing), each against g = 1. `r` of a block is the t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -39,7 +46,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from atm_cli.engine import ATMConfig
+from atm_cli.engine import ATMConfig, last_trace, patch
+from atm_cli.engine.compiled import compile_patched
 from atm_cli.evaluation import (DEMO_EVAL_DATA, Outcomes, Workload, agreement, load_image_folder, load_model,
                                 preload)
 from atm_cli.presets import default_preset_for, find_preset
@@ -99,6 +107,42 @@ def run_multiples(workload: Workload, base: ATMConfig, multiples: list[int], bat
     return rows
 
 
+def padded_length(tokens: int, bucket: int, limit: int) -> int:
+    return min(-(-tokens // bucket) * bucket, limit)
+
+
+def run_buckets(workload: Workload, config: ATMConfig, eager: Outcomes, buckets: list[int], batch_size: int,
+                backend: str, console: Console, label: str) -> list[dict]:
+    """Each token bucket's compiled run of `config` over the full batches, against the eager run `eager`."""
+    full = [(images, outcome) for (images, _), outcome in zip(workload.batches, eager.batches) if outcome.n == batch_size]
+    half = (len(full) + 1) // 2
+    real = sum(sum(outcome.tokens[1:]) + outcome.tokens_left for _, outcome in full)
+    rows = []
+    for bucket in buckets:
+        torch._dynamo.reset()
+        view = patch(copy.copy(workload.loaded.model), config)
+        compiled = compile_patched(view, backend=backend, token_bucket=bucket)
+        variants, same_tokens, start = [], True, time.perf_counter()
+        with torch.inference_mode():
+            for images, outcome in full:
+                compiled(images)
+                trace = last_trace(view)
+                same_tokens &= tuple(trace.tokens[:-1]) == outcome.tokens and trace.tokens[-1] == outcome.tokens_left
+                variants.append(compiled.variants)
+        padded = sum(sum(padded_length(n, bucket, outcome.tokens[0]) for n in (*outcome.tokens[1:], outcome.tokens_left))
+                     for _, outcome in full)
+        row = {"setting": label, "token_bucket": bucket, "backend": backend, "full_batches": len(full),
+               "graphs": variants[-1], "new_graphs_second_half": variants[-1] - variants[half - 1],
+               "graphs_per_batch": variants, "same_tokens_as_eager": same_tokens,
+               "padded_over_real_tokens": padded / real, "seconds": time.perf_counter() - start}
+        console.print(f"  {label} bucket {bucket}: {row['graphs']} graphs ({row['new_graphs_second_half']} new in the "
+                      f"second half), tokens {'equal' if same_tokens else 'DIFFER'}, padding "
+                      f"{100 * (row['padded_over_real_tokens'] - 1):+.1f}% tokens, {row['seconds']:.0f} s",
+                      highlight=False)
+        rows.append(row)
+    return rows
+
+
 def ordered(images, order: str):
     return images.in_fixed_random_order() if order == "shuffled" else images
 
@@ -115,6 +159,12 @@ def demo_part(args, console: Console) -> list[dict]:
     for preset in presets:
         for row in run_multiples(workload, preset.method, args.multiples, args.batch_size, True, console, preset.name):
             rows.append({"part": "demo", "model": loaded.name, "data": images.source, **row})
+        if args.buckets:
+            exact = dataclasses.replace(preset.method, r_multiple=1)
+            with torch.inference_mode():
+                eager = workload.run(exact)
+            args.bucket_rows += [{"model": loaded.name, **row} for row in run_buckets(
+                workload, exact, eager, args.buckets, args.batch_size, args.backend, console, preset.name)]
     return rows
 
 
@@ -158,6 +208,20 @@ def table_of(rows: list[dict], args) -> Table:
     return table
 
 
+def bucket_table(rows: list[dict], args) -> Table:
+    table = Table(title=f"ATM compiled with token buckets (g = 1, the paper's r), batch {args.batch_size}, "
+                        f"backend {args.backend}", title_justify="left")
+    for column in ("model", "setting", "bucket", "batches", "graphs", "new 2nd half", "tokens as eager",
+                   "padding cost"):
+        table.add_column(column, justify="left" if column in ("model", "setting") else "right")
+    for row in rows:
+        table.add_row(row["model"], row["setting"], str(row["token_bucket"]), str(row["full_batches"]),
+                      str(row["graphs"]), str(row["new_graphs_second_half"]),
+                      "yes" if row["same_tokens_as_eager"] else "NO",
+                      f"{100 * (row['padded_over_real_tokens'] - 1):+.1f}% tokens")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--multiples", default="1,2,4,8", help="values of r_multiple (g); the first is the reference")
@@ -167,9 +231,13 @@ def main() -> None:
     parser.add_argument("--imagenet-limit", type=int, default=640, help="ImageNet images (class-balanced subset)")
     parser.add_argument("--reduction", type=float, default=0.30, help="GFLOPs cut of the ImageNet ATM setting")
     parser.add_argument("--order", choices=("shuffled", "folder"), default="shuffled")
+    parser.add_argument("--buckets", default="8,16", help="token buckets to compile with (demo part; empty: none)")
+    parser.add_argument("--backend", default="aot_eager", help="torch.compile backend for the token buckets")
     parser.add_argument("--json", type=Path, help="also write every row as JSON (after each part)")
     args = parser.parse_args()
     args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.buckets = [int(b) for b in args.buckets.split(",") if b]
+    args.bucket_rows = []
 
     console = Console(width=200)
     parts = {"demo": demo_part, "imagenet": imagenet_part}
@@ -179,8 +247,11 @@ def main() -> None:
         rows.extend(parts[name](args, console))
         if args.json:  # a run cut short keeps what it measured
             args.json.write_text(json.dumps({"batch_size": args.batch_size, "order": args.order,
-                                             "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+                                             "torch": torch.__version__, "rows": rows,
+                                             "bucket_rows": args.bucket_rows}, indent=1) + "\n")
     console.print(table_of(rows, args))
+    if args.bucket_rows:
+        console.print(bucket_table(args.bucket_rows, args))
     console.print(f"{time.perf_counter() - start:.0f} s in all", highlight=False)
 
 

@@ -8,7 +8,7 @@ its arithmetic is negligible, so its time is what a GPU forward in half precisio
 and Python. Every method is set to about `--reduction` fewer GFLOPs than the unmerged model (ToMe's r, the
 other rivals' knob, ATM's theta_min, on the first image) and runs, each a copy patched once, in
 alternation with the unmerged model, image by image, so that machine noise hits all alike. Per forward:
-top-level aten calls and host synchronisations (torch's profiler), and the median time over the rounds
+top-level aten calls (torch's profiler) and host reads (`.item()`, `.tolist()`), and the median time over the rounds
 as a ratio to the unmerged model's, eager against eager and compiled against compiled (`torch.compile`,
 static shapes, inductor; one graph for every method but ATM, whose variants are counted). Issue targets:
 eager merged <= 1.6x, compiled fixed-r methods <= 1.15x, ATM a bounded number of compiled variants.
@@ -36,7 +36,7 @@ from atm_cli.engine.compiled import compile_patched
 from engine import atm_for, first_fitting, gflops_of  # benchmarks/engine.py: the same settings search
 
 PROXY = dict(embed_dim=24, num_heads=6, num_classes=10)
-SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item() and int(tensor) run: the host waits for the device
+READS = ("item", "tolist")  # the Tensor methods that bring values to the host: on a GPU, the host waits there
 
 
 def proxy_model() -> torch.nn.Module:
@@ -57,12 +57,26 @@ def setting_for(name: str, model: torch.nn.Module, image: torch.Tensor, target: 
 
 
 def op_counts(run, image: torch.Tensor) -> tuple[int, int]:
-    """(top-level aten calls, host synchronisations) of one forward."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run(image)
+    """(top-level aten calls, host reads: `.item()` and `.tolist()` calls) of one forward."""
+    reads, originals = [0], {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counted(original):
+        def read(tensor, *args, **kwargs):
+            reads[0] += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(image)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
     events = [event for event in prof.events() if event.name.startswith("aten::")]
     top_level = [event for event in events if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")]
-    return len(top_level), sum(event.name in SYNC_OPS for event in events)
+    return len(top_level), reads[0]
 
 
 def measure(runs: dict, images: list[torch.Tensor], rounds: int, warm_up: int) -> dict[str, float]:
@@ -122,7 +136,7 @@ def main() -> None:
 
     table = Table(title=f"host-overhead proxy: DeiT-S shape, width {PROXY['embed_dim']}, batch 1, {args.rounds} rounds x "
                         f"{args.images} images, torch {torch.__version__}, 1 thread", title_justify="left")
-    for column in ("method", "compiled", "GFLOPs", "aten calls", "syncs", "ms / forward", "time / unmerged",
+    for column in ("method", "compiled", "GFLOPs", "aten calls", "host reads", "ms / forward", "time / unmerged",
                    "compile s", "graphs"):
         table.add_column(column, justify="left" if column in ("method", "compiled") else "right")
     for row in rows:

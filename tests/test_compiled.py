@@ -1,5 +1,5 @@
 """The compiled engine path: one graph per batch size for fixed-shape methods, none new afterwards, eager's
-logits and token counts; ATM's segments bounded by its r multiple.
+logits and token counts; ATM's segments bounded by padding its tokens to buckets (or by its r multiple).
 
 Dynamo's capture (graph breaks, guards, recompiles) is what these tests pin; they compile with the
 `aot_eager` backend, which captures exactly as inductor does but skips code generation (seconds, not
@@ -144,6 +144,55 @@ def test_atm_compiled_equals_eager_and_compiles_nothing_new_on_batches_it_has_se
         for images in batches:
             compiled(images)
     assert compiled.variants == variants and not compiled.last_compiled
+
+
+PADDED_SETTINGS = {  # split_layer 2 of 4 blocks: alternate and size-distinctive matching both meet padding
+    "proportional attention": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2),
+    "no size term": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2, prop_attn=False),
+    "every block's MLP on every token": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2,
+                                                  prefix_only_last_block=False),
+}
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("setting", PADDED_SETTINGS)
+@torch.no_grad()
+def test_padding_to_token_buckets_changes_nothing_but_the_shapes(model, batches, setting, pool):
+    """Padding tokens of size 0 take no part in attention, matching, merging or pooling: the logits, token
+    counts, GFLOPs, sizes and source maps of the unpadded forward."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, global_pool=pool,
+                              **SMALL_VIT_ARGS).eval() if pool != "token" else model
+    exact = patch(copy.copy(model), PADDED_SETTINGS[setting], trace_source=True)
+    padded = patch(copy.copy(model), PADDED_SETTINGS[setting], trace_source=True, token_bucket=8)
+    for images in batches:
+        expected, logits = exact(images), padded(images)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        want, got = last_trace(exact), last_trace(padded)
+        assert got.tokens == want.tokens and got.gflops == want.gflops
+        assert any(n % 8 for n in want.tokens[1:-1])  # some block's count was not a multiple: padding was there
+        torch.testing.assert_close(got.size, want.size, atol=0, rtol=0)
+        torch.testing.assert_close(got.source, want.source, atol=0, rtol=0)
+
+
+@torch.inference_mode()
+def test_token_buckets_bound_compiled_atm_without_changing_r(model):
+    """Over batches of new content, the padded model stops compiling once its buckets are met; the unpadded one
+    compiles per distinct (block, tokens, r). Token counts are the eager ones either way."""
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(BATCH, 3, 32, 32, generator=generator) for _ in range(8)]
+    view = patch(copy.copy(model), atm_setting(1))
+    expected = [eager_run(view, images) for images in batches]
+    graphs = {}
+    for bucket in (1, 8):
+        torch._dynamo.reset()
+        compiled = compile_patched(view, backend=BACKEND, token_bucket=bucket)
+        graphs[bucket] = []
+        for images, (eager_logits, eager_tokens) in zip(batches, expected):
+            torch.testing.assert_close(compiled(images), eager_logits, atol=1e-4, rtol=0)
+            assert last_trace(view).tokens == eager_tokens
+            graphs[bucket].append(compiled.variants)
+    assert graphs[8][-1] == graphs[8][len(batches) // 2 - 1]  # none new in the second half
+    assert graphs[8][-1] < graphs[1][-1]
 
 
 @torch.inference_mode()

@@ -9,9 +9,11 @@ dropped (each image is reduced independently of the others, so the real images' 
 counts are those of an unpadded run); a longer one runs eagerly. Nothing recompiles per size.
 
 ATM decides r from the batch's content in every block (one host synchronisation each): its forward
-compiles as one graph per block segment, split at that synchronisation, and each distinct
-(block, tokens in, r) compiles once; `ATMConfig(r_multiple=g)` bounds how many there are. Its short
-batches run eagerly (padding would move the batch-adaptive r).
+compiles as one graph per block segment, split at that synchronisation. Its tokens are padded with
+tokens of size 0 up to a multiple of `token_bucket` (`patch(..., token_bucket)`: the same logits and
+trace), and r is a tensor inside the graphs, so each distinct (block, padded length in, padded length
+out) compiles once: at most depth x (197 / bucket + 1)^2 for DeiT, far fewer in practice, and then
+none new. Its short batches run eagerly (padding the batch would move the batch-adaptive r).
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ from torch import Tensor
 from .patching import _STATE
 
 # Every patched view of a model shares the forward's code object, and ATM's segments are resumptions of one
-# code object, each (block, tokens, r) a cache entry of it: dynamo's default limit (8) would fall back to eager.
+# code object, each (block, length in, length out) a cache entry of it: dynamo's default limit (8) would fall
+# back to eager.
 VARIANT_LIMIT = 4096
+# ATM's tokens are padded to multiples of this in a compiled model: benchmarks/atm_shapes.py --buckets.
+TOKEN_BUCKET = 8
 
 
 def _graphs_compiled() -> int:
@@ -45,11 +50,13 @@ class CompiledModel:
     """
 
     def __init__(self, model: Callable[[Tensor], Tensor], mode: str | None = "auto", batch_size: int | None = None,
-                 backend: str | Callable = "inductor") -> None:
+                 backend: str | Callable = "inductor", token_bucket: int = TOKEN_BUCKET) -> None:
         state = getattr(model, _STATE, None)
         self.model = model
         self.mode = mode
         self.fixed_shapes = state is None or type(state.config).FIXED_SHAPES
+        if not self.fixed_shapes:
+            state.token_bucket = token_bucket  # the model pads from now on, eager calls too (same results)
         self.batch_size = batch_size
         self.compile_seconds = 0.0
         self.variants = 0
@@ -91,7 +98,11 @@ class CompiledModel:
         run = self._compile_for(images)
         if self._graphs and images.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(recompile_limit=VARIANT_LIMIT, accumulated_recompile_limit=VARIANT_LIMIT):
+        # A host decision deep in the forward breaks the graph: resumed in the frame where it happened (nested
+        # graph breaks), not in each frame above it, it splits the forward into half as many graphs, and ATM's
+        # compiled forward on the CPU proxy takes 1.5x the compiled unmerged one's time instead of 1.76x.
+        with torch._dynamo.config.patch(recompile_limit=VARIANT_LIMIT, accumulated_recompile_limit=VARIANT_LIMIT,
+                                        nested_graph_breaks=not self.fixed_shapes):
             logits = run(images)
         if self._graphs:
             logits = logits.clone()
@@ -134,12 +145,14 @@ def _own_frame(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 
 
 def compile_patched(model: Callable[[Tensor], Tensor], mode: str | None = "auto", batch_size: int | None = None,
-                    backend: str | Callable = "inductor") -> CompiledModel:
+                    backend: str | Callable = "inductor", token_bucket: int = TOKEN_BUCKET) -> CompiledModel:
     """Compile `model` as it is patched now (patch it first; unpatched: the unmerged model; or any function of a
     batch, e.g. one block).
 
     `mode`: torch.compile's; "auto" (default): "reduce-overhead" (CUDA graphs) when the first batch is on a
     GPU, torch's default otherwise. `batch_size`: the compiled batch size (None: the first call's).
-    Patching the model again afterwards needs a new `compile_patched`.
+    `token_bucket`: a data-dependent method's (ATM's) tokens are padded to multiples of it (1: no padding,
+    one graph per distinct (block, tokens, r)). Patching the model again afterwards needs a new
+    `compile_patched`.
     """
-    return CompiledModel(model, mode=mode, batch_size=batch_size, backend=backend)
+    return CompiledModel(model, mode=mode, batch_size=batch_size, backend=backend, token_bucket=token_bucket)

@@ -46,8 +46,9 @@ class _Pass:
 
     size: Tensor | None  # None until the first merge: all sizes are 1
     source: Tensor | None
-    tokens: list[int]
-    steps: list[BlockStep] = field(default_factory=list)
+    tokens: list[int]  # the sequence's length entering each block (padding included)
+    steps: list[BlockStep] = field(default_factory=list)  # real counts: 0-d tensors where padding was
+    real: Tensor | None = None  # how many tokens are real when the sequence ends in padding (size 0)
 
     @classmethod
     def entering(cls, x: Tensor, trace_source: bool) -> "_Pass":
@@ -60,7 +61,11 @@ class _Pass:
             return x
         self.size = reduction.size
         self.source = None if self.source is None else reduction.combine(self.source)
+        self.real = reduction.real_tokens
         return reduction.x
+
+    def real_tokens(self, x: Tensor) -> "int | Tensor":
+        return x.shape[1] if self.real is None else self.real
 
 
 @dataclass(eq=False)  # hashed by identity: a WeakSet holds the states sharing a module
@@ -70,17 +75,24 @@ class _State:
     blocks: Sequence[BlockParts]
     geometry: Geometry
     trace_source: bool
+    token_bucket: int = 1  # `patch`'s: pad data-dependent token counts to multiples of it (compiled ATM)
     hooks: list[Hook] = field(default_factory=list)
     trace: Trace | None = None
+    final_size: Tensor | None = None  # the sizes the head pools with (padding included)
     running: _Pass | None = None  # between the layers of a model hooked block by block
     inside: dict[tuple[int, str], Callable] = field(default_factory=dict)  # its hooks in modules it may share
 
 
-def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) -> nn.Module:
+def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False, token_bucket: int = 1) -> nn.Module:
     """Make `model` reduce tokens by `config` in every forward pass. Patching again replaces the config.
 
-    With `trace_source`, the trace also holds which input tokens each final token stands for.
+    With `trace_source`, the trace also holds which input tokens each final token stands for. With
+    `token_bucket` > 1, a method whose token counts depend on the data (ATM) pads each block's tokens
+    with tokens of size 0 (masked out of attention, merging and pooling) up to a multiple of it: the
+    same logits and trace, computed on fewer distinct shapes, for a compiled model (`compiled.py`).
     """
+    if token_bucket < 1:
+        raise ValueError(f"token_bucket must be at least 1, got {token_bucket}")
     backbone = backbone_of(model)
     if not isinstance(config, MethodConfig):
         raise TypeError(f"expected a method config (e.g. ATMConfig, ToMeConfig), got {type(config).__name__}")
@@ -88,7 +100,7 @@ def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False) ->
     if model not in _GEOMETRY:  # shapes only; counting the stem runs torch's FLOP counter, so once a model
         _GEOMETRY[model] = Geometry.of(backbone)
     state = _State(config=config, plan=config.plan(backbone), blocks=backbone.blocks, geometry=_GEOMETRY[model],
-                   trace_source=trace_source)
+                   trace_source=trace_source, token_bucket=token_bucket)
     state.hooks = backbone.hooks(MergingRun(blocks=functools.partial(_all_blocks, state),
                                             block=functools.partial(_one_block, state),
                                             sizes=functools.partial(_final_sizes, state)))
@@ -198,32 +210,39 @@ def _one_block(state: _State, index: int, x: Tensor) -> Tensor:
 
 
 def _final_sizes(state: _State) -> Tensor | None:
-    return state.trace.size
+    return state.final_size
 
 
 def _block(state: _State, index: int, parts: BlockParts, x: Tensor, running: _Pass) -> Tensor:
     plan, prop_attn = state.plan, getattr(state.config, "prop_attn", False)
     before, reduction = index in plan.before_attention, None
     if before:  # the step merges the block's input, and may hand the attention its probabilities
-        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, x, None))
+        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, x, None, state.token_bucket))
         x = running.apply(reduction, x)
-    y, metric, attention = attention_with_sizes(parts.attn, parts.norm1(x), running.size if prop_attn else None,
+    keys_size = running.size if prop_attn else None  # each key's log(size) on its logits: log 0 masks padding
+    if not prop_attn and running.real is not None:  # no size term, but padding still stays out of attention
+        keys_size = (running.size > 0).to(running.size.dtype)
+    y, metric, attention = attention_with_sizes(parts.attn, parts.norm1(x), keys_size,
                                                 with_probabilities=index in plan.attention_blocks,
                                                 per_head=plan.per_head_attention,
                                                 probabilities=None if reduction is None else reduction.attention)
     x = x + through(parts.after_attention, y)
-    n_in = x.shape[1]
+    n_in = running.real_tokens(x)
     if not before:
-        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, metric, attention))
+        reduction = reduce_in_float32(plan, BlockInput(index, x, running.size, metric, attention, state.token_bucket))
         x = running.apply(reduction, x)
     step_macs = 0 if reduction is None else reduction.extra_macs
     x = x + through(parts.after_mlp, parts.mlp(parts.norm2(x)))
-    running.steps.append(BlockStep(n_in, x.shape[1], step_macs))
+    running.steps.append(BlockStep(n_in, running.real_tokens(x), step_macs))
     running.tokens.append(x.shape[1])
     return x
 
 
 def _finish(state: _State, running: _Pass) -> None:
+    state.final_size = running.size
+    if state.token_bucket > 1:
+        _finish_padded(state, running)
+        return
     tokens = running.tokens
     state.trace = Trace(
         tokens=tokens,
@@ -233,6 +252,30 @@ def _finish(state: _State, running: _Pass) -> None:
         thresholds=state.plan.thresholds,
         size=running.size,
         source=running.source,
+    )
+
+
+@torch.compiler.disable
+def _finish_padded(state: _State, running: _Pass) -> None:
+    """The trace of a padded pass: its real counts read from the device at once (the pass's one read beyond its
+    decisions), its sizes and source maps without the padding. Outside any graph: a compiled model is not
+    specialised on these counts."""
+    steps = running.steps
+    values = [value for step in steps for value in (step.tokens_in, step.tokens_after_merge, step.step_macs)]
+    tensors = [value for value in values if isinstance(value, Tensor)]
+    read = iter(torch.stack(tensors).tolist()) if tensors else iter(())
+    values = [next(read) if isinstance(value, Tensor) else value for value in values]
+    steps = [BlockStep(*values[i:i + 3]) for i in range(0, len(values), 3)]
+    tokens = [running.tokens[0]] + [step.tokens_after_merge for step in steps]
+    real = tokens[-1]
+    state.trace = Trace(
+        tokens=tokens,
+        merged=[a - b for a, b in zip(tokens, tokens[1:])],
+        steps=steps,
+        geometry=state.geometry,
+        thresholds=state.plan.thresholds,
+        size=None if running.size is None else running.size[:, :real],
+        source=None if running.source is None else running.source[:, :real],
     )
 
 
@@ -259,4 +302,4 @@ def _step(plan: Plan, block: BlockInput) -> Reduction | None:
 def _decide_on_host(deferred: Deferred) -> int:
     """The step's one host synchronisation, and its decision, outside any compiled graph: a compiled
     model's next graph is specialised on the decision (ATM's r), not on the count it came from."""
-    return deferred.decide(int(deferred.total.item()))
+    return deferred.decide(*deferred.total.reshape(-1).tolist())

@@ -21,7 +21,8 @@ class ATMConfig(MethodConfig):
     theta_l = max(alpha - (exp(beta * (l - 1)) - 1), theta_min) for block l (1-based); blocks up to
     `split_layer` split tokens alternately, later ones by merging size (None: round(0.75 * L)).
     `r_multiple` > 1 rounds each block's r down to a multiple of it: not the paper's r, but fewer
-    distinct token counts, so a compiled model meets a small, bounded set of shapes.
+    distinct token counts. (A compiled model bounds its shapes without changing r: it pads the tokens,
+    `BlockInput.token_bucket`.)
     """
 
     NAME = "atm"
@@ -56,8 +57,11 @@ class ATMConfig(MethodConfig):
         return cls(alpha=threshold, beta=0.0, theta_min=threshold, **kwargs)
 
     def plan(self, model: "Backbone") -> Plan:
-        from ..merge import alternate_slices, batch_r, bipartite_match, count_above, merge_closure
-        from ..merge import size_distinctive_split, weighted_reduction
+        import torch
+
+        from ..merge import alternate_slices, batch_r, bipartite_match, count_above, merge_closure, padded_merge
+        from ..merge import padded_alternate_split, padded_size_distinctive_split, size_distinctive_split
+        from ..merge import weighted_reduction
 
         depth, num_prefix = len(model.blocks), model.num_prefix_tokens
         thresholds = threshold_schedule(self, depth)
@@ -72,6 +76,8 @@ class ATMConfig(MethodConfig):
                 def prefix(t):
                     return t[:, :num_prefix]
                 return Reduction(prefix(block.x), None if block.size is None else prefix(block.size), prefix)
+            if block.token_bucket > 1:
+                return padded_step(block)
             if block.index < split_layer:  # block index + 1 <= split_layer
                 split = alternate_slices(num_prefix)
             else:
@@ -88,6 +94,36 @@ class ATMConfig(MethodConfig):
                 return weighted_reduction(merge_closure(matching, r, num_prefix), block.x, block.size, macs)
 
             return Deferred(count_above(matching, thresholds[block.index]), decide, finish)
+
+        def padded_step(block: BlockInput) -> Deferred:
+            """The same step on a sequence that may end in padding (size 0), every count a tensor: the host
+            reads the count above the threshold, the mergeable tokens and the real tokens, and decides only
+            the padded length out (the next multiple of the bucket), which the compiled graphs are keyed by."""
+            batch, n_tokens, head_dim = block.metric.shape
+            real = (torch.ones(batch, n_tokens, dtype=torch.bool, device=block.x.device) if block.size is None
+                    else block.size[..., 0] > 0)
+            if block.index < split_layer:
+                split = padded_alternate_split(real, num_prefix)
+            else:
+                split = padded_size_distinctive_split(block.size, real, num_prefix)
+            matching = bipartite_match(block.metric, *split)
+            count = count_above(matching, thresholds[block.index])
+            n_a, n_b = matching.a_real[0].sum(), matching.b_real[0].sum()
+            mergeable, n_real = n_a - matching.a_prefix, real[0].sum()
+            macs = n_a * n_b * head_dim
+
+            def decide(total: int, mergeable: int, n_real: int) -> int:
+                tokens_out = n_real - batch_r(total, batch, mergeable, self.r_multiple)
+                return min(-(-tokens_out // block.token_bucket) * block.token_bucket, n_tokens)
+
+            def finish(tokens_out: int) -> Reduction:
+                r = torch.minimum(count // batch, mergeable) // self.r_multiple * self.r_multiple  # `batch_r`
+                merge = padded_merge(matching, r, num_prefix, n_tokens, tokens_out)
+                reduction = weighted_reduction(merge, block.x, block.size, macs)
+                reduction.real_tokens = n_real - r
+                return reduction
+
+            return Deferred(torch.stack([count, mergeable, n_real]), decide, finish)
 
         return Plan(step, thresholds=thresholds)
 

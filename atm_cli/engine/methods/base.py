@@ -171,6 +171,9 @@ class BlockInput:
     size: "Tensor | None"  # (B, N, 1) merging sizes; None while every size is 1
     metric: "Tensor"  # (B, N, head_dim) the attention's keys averaged over heads
     attention: "Tensor | None"  # (B, N, N) attention probabilities averaged over heads (or (B, H, N, N)), when asked
+    # The compiled path's token bucket: a step whose token count depends on the data may pad its output with
+    # tokens of size 0 up to a multiple of it, so that few shapes occur (1: exact counts, no padding).
+    token_bucket: int = 1
 
 
 @dataclass
@@ -183,18 +186,22 @@ class Reduction:
     extra_macs: int = 0  # the step's own multiply-adds per image (similarities, scores), for GFLOPs
     # Before the attention only: (B, H, N', N') probabilities the block's attention uses instead of its own.
     attention: "Tensor | None" = None
+    # A padded output: how many of its tokens are real (a 0-d tensor, all images alike); they come first, the
+    # padding after them has size 0. `extra_macs` is then a 0-d tensor too: the host reads both once, at the end.
+    real_tokens: "Tensor | None" = None
 
 
 @dataclass
 class Deferred:
-    """A reduction that waits for one integer from the host: `decide` turns `total` (a 0-d integer tensor, e.g.
-    ATM's count of pairs above the threshold over the batch) into r, `finish(r)` is the reduction.
+    """A reduction that waits for integers from the host: `decide` turns `total` (an integer tensor, e.g.
+    ATM's count of pairs above the threshold over the batch; each of its values one argument) into the
+    integer `finish` needs (r, or on a padded sequence the padded length), `finish(it)` is the reduction.
 
     The engine reads `total` and runs `decide` outside any compiled graph, so that a compiled model
-    specialises its next segment on r itself, not on the raw count (fewer distinct segments)."""
+    specialises its next segment on that integer, not on the raw count (fewer distinct segments)."""
 
     total: "Tensor"
-    decide: Callable[[int], int]
+    decide: Callable[..., int]
     finish: Callable[[int], "Reduction | None"]
 
 

@@ -6,7 +6,6 @@ instead of being computed again. The choices the paper leaves open are in docs/e
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,8 @@ from .base import BlockInput, Knob, MethodConfig, Param, Plan, Reduction, block_
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
+
+    from ..merge import SlotMerge
 
 MIN_TOKENS = 10  # the official code never fuses below 10 tokens (prefix included)
 TEMPERATURE = dict(low=0.0)  # 0 turns a criterion off, as in the official code
@@ -71,9 +72,9 @@ class MCTFConfig(MethodConfig):
             a_pos, b_pos, a_prefix, b_prefix = alternate_split(batch, n_tokens, num_prefix, block.x.device)
             a_pos, b_pos = a_pos[:, a_prefix:], b_pos[:, b_prefix:]  # prefix tokens are neither fused nor fused into
             scores = multi_criteria_scores(block.x, received, size[..., 0], a_pos, b_pos, self)
-            merge_sum = bidirectional_merge(scores, a_pos, b_pos, r, num_prefix, self.bidirectional)
+            merge = bidirectional_merge(scores, a_pos, b_pos, r, num_prefix, self.bidirectional)
             weight = received[..., None] * size if self.attention_weighted else size
-            x, _ = merge_weighted(merge_sum, block.x, weight)
+            x, _ = merge_weighted(merge, block.x, weight)
             kept, qk_width = n_tokens - r, 2 * layer.attn.num_heads * layer.attn.head_dim
             # The one-step-ahead attention on all N tokens (norm1, q and k, q k^T) and the similarities, less
             # the q, k and q k^T of the N - r fused tokens, which the block's count holds but nothing computes.
@@ -81,7 +82,7 @@ class MCTFConfig(MethodConfig):
             saved = qk_width * width * kept + qk_width // 2 * kept ** 2
             similarity = a_pos.shape[1] * b_pos.shape[1] * width if self.tau_sim else 0
             macs = ahead - saved + similarity
-            return Reduction(x, merge_sum(size), merge_sum, macs, fused_attention(merge_sum, attention, weight))
+            return Reduction(x, merge(size), merge, macs, fused_attention(merge, attention, weight))
 
         return Plan(step, before_attention=blocks)
 
@@ -101,8 +102,9 @@ def multi_criteria_scores(tokens: "Tensor", received: "Tensor", size: "Tensor", 
     from ..merge import rows, unit_vectors
 
     def pairs(per_token: "Tensor", tau: float) -> "Tensor":
-        per_token = per_token / per_token.amax(dim=1, keepdim=True)
-        return (per_token.gather(1, a_pos)[:, :, None] * per_token.gather(1, b_pos)[:, None, :]) ** (1.0 / tau)
+        # (p_a p_b)^(1/tau) as p_a^(1/tau) p_b^(1/tau): the power on N tokens rather than on |a| |b| pairs
+        per_token = (per_token / per_token.amax(dim=1, keepdim=True)) ** (1.0 / tau)
+        return per_token.gather(1, a_pos)[:, :, None] * per_token.gather(1, b_pos)[:, None, :]
 
     if config.tau_sim:
         unit = unit_vectors(tokens)
@@ -117,8 +119,8 @@ def multi_criteria_scores(tokens: "Tensor", received: "Tensor", size: "Tensor", 
 
 
 def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: int, num_prefix: int,
-                        bidirectional: bool) -> Callable[["Tensor"], "Tensor"]:
-    """The sum-merge closure of MCTF's matching, for any additive per-token map (B, N, C) -> (B, N - r, C).
+                        bidirectional: bool) -> "SlotMerge":
+    """The sum-merge of MCTF's matching, for any additive per-token map (B, N, C) -> (B, N - r, C).
 
     a-tokens (positions `a_pos`) fuse into their most attracted b-token: the r // 2 most attracted do
     (all r one way). Then every b-token, with what it received, ranks by its best attraction to the
@@ -128,8 +130,9 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
     """
     import torch
 
-    from ..merge import add_rows, first_positions, keep_tokens
+    from ..merge import SlotMerge, first_positions
 
+    batch, n_tokens = scores.shape[0], num_prefix + a_pos.shape[1] + b_pos.shape[1]
     to_b, to_a = (r // 2, r - r // 2) if bidirectional else (r, 0)
     best, best_b = scores.max(dim=-1)
     ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
@@ -141,25 +144,16 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
         ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
         src, b_left = ranked[:, :to_a], b_pos.gather(1, ranked[:, to_a:])
         moves.append((b_pos.gather(1, src), a_pos.gather(1, a_left.gather(1, best_a.gather(1, src)))))
-    prefix = first_positions(scores.shape[0], num_prefix, scores.device)
-    keep = keep_tokens(torch.cat([prefix, a_pos.gather(1, a_left), b_left], dim=1))
-
-    def merge_sum(t: "Tensor") -> "Tensor":
-        for src, dst in moves:  # in order: a b-token moves with what it received
-            t = add_rows(t, dst, t, src)
-        return keep(t)
-
-    return merge_sum
+    kept = torch.cat([first_positions(batch, num_prefix, scores.device), a_pos.gather(1, a_left), b_left], dim=1)
+    slots = torch.empty(batch, n_tokens, dtype=torch.long, device=scores.device)
+    slots.scatter_(1, kept, first_positions(batch, kept.shape[1], scores.device))
+    for src, dst in reversed(moves):  # a b-token that moves on takes what it received along: its slot first
+        slots.scatter_(1, src, slots.gather(1, dst))
+    return SlotMerge(slots, kept.shape[1])
 
 
-def fused_attention(merge_sum: Callable[["Tensor"], "Tensor"], attention: "Tensor", weight: "Tensor") -> "Tensor":
+def fused_attention(merge: "SlotMerge", attention: "Tensor", weight: "Tensor") -> "Tensor":
     """The one-step-ahead attention (B, H, N, N) on the fused tokens (B, H, N', N'): fused keys add their
     probabilities (each row still sums to 1); a fused query's row is the `weight`-weighted mean of its members'."""
-    from ..merge import merge_weighted
-
-    batch, heads, n_tokens, _ = attention.shape
-    keys = merge_sum(attention.permute(0, 3, 1, 2).reshape(batch, n_tokens, heads * n_tokens))  # (B, N'k, H * Nq)
-    kept = keys.shape[1]
-    rows = keys.reshape(batch, kept, heads, n_tokens).permute(0, 3, 2, 1).reshape(batch, n_tokens, heads * kept)
-    fused, _ = merge_weighted(merge_sum, rows, weight)  # (B, N'q, H * N'k)
-    return fused.reshape(batch, kept, heads, kept).permute(0, 2, 1, 3)
+    keys = merge(attention, dim=-1)
+    return merge(keys * weight[:, None], dim=-2) / merge(weight)[:, None]
