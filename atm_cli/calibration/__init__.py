@@ -1,7 +1,7 @@
 """The search behind `atm calibrate`: Optuna over alpha, beta and theta_min for a goal, in a space measured from
 the model (goals.py: goals, their keys and steps; stats.py: the paired statistics they prune and choose by;
 space.py: ranges; seeding.py: before the trials; search.py: the loop; trials.py: stored trials; study.py: storages;
-ranges.py: the range flags; speed.py: the time goals; calibrate.py: the workflow)."""
+ranges.py: the ranges asked for; speed.py: the time goals; calibrate.py: the workflow and its settings)."""
 from .calibrate import (PROBE_BATCHES, CalibrationReport, DataSettings, ModelSettings, SearchSettings, calibrate,
                         search_on, seed_constant)
 from .goals import AgreementGoal, BudgetGoal, Goal, NoDropGoal, Reduction

@@ -1,4 +1,5 @@
-"""What the analysis commands (stress, compare, probe) share: model and data flags, loading, progress, --json.
+"""What the commands share: the model, data, batch and search flags (declared once; a factory where a command's
+default or help differs), and for the analysis commands (stress, compare, probe) loading, progress, --json.
 
 Torch, timm and the layers that use them are imported inside the functions that run a command, so that
 `atm --help` and every command's help start in a fraction of a second.
