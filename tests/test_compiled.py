@@ -151,6 +151,8 @@ PADDED_SETTINGS = {  # split_layer 2 of 4 blocks: alternate and size-distinctive
     "no size term": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2, prop_attn=False),
     "every block's MLP on every token": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2,
                                                   prefix_only_last_block=False),
+    "blocks 0 and 2 merge nothing": ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=2,
+                                              block_thresholds=(1.5, 0.3, 1.5, 0.3)),
 }
 
 
@@ -172,6 +174,15 @@ def test_padding_to_token_buckets_changes_nothing_but_the_shapes(model, batches,
         assert any(n % 8 for n in want.tokens[1:-1])  # some block's count was not a multiple: padding was there
         torch.testing.assert_close(got.size, want.size, atol=0, rtol=0)
         torch.testing.assert_close(got.source, want.source, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_a_padded_model_that_merges_nothing_runs_the_unmerged_forward(model, batches):
+    """No merge, no sizes: not even a zero log-size mask moves attention off the unmerged kernel."""
+    nothing = ATMConfig(alpha=0.3, beta=0.0, theta_min=0.3, block_thresholds=(1.5,) * 4, prefix_only_last_block=False)
+    padded = patch(copy.copy(model), nothing, token_bucket=8)
+    assert torch.equal(padded(batches[0]), model(batches[0]))
+    assert last_trace(padded).size is None and last_trace(padded).merged == [0, 0, 0, 0]
 
 
 @torch.inference_mode()

@@ -67,7 +67,8 @@ def test_fused_attention_adds_keys_and_averages_queries_by_weight():
     attention = torch.tensor([[[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]]])
     merge_sum = bidirectional_merge(torch.tensor([[[1.0]]]), torch.tensor([[2]]), torch.tensor([[1]]), r=1,
                                     num_prefix=1, bidirectional=False)
-    fused = fused_attention(merge_sum, attention, torch.tensor([[[1.0], [1.0], [3.0]]]))
+    weight = torch.tensor([[[1.0], [1.0], [3.0]]])
+    fused = fused_attention(merge_sum, attention, weight, merge_sum(weight))
     # keys 1 and 2 add: rows [0.5, 0.5], [0.1, 0.9], [0.2, 0.8]; queries 1 and 2 average 1:3 -> [0.175, 0.825]
     torch.testing.assert_close(fused, torch.tensor([[[[0.5, 0.5], [0.175, 0.825]]]]))
 

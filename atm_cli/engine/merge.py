@@ -244,17 +244,22 @@ class SlotMerge:
     kept: int
     drops: bool = False
 
-    def __call__(self, t: Tensor, dim: int = 1) -> Tensor:
+    def __post_init__(self) -> None:
         # One index_add_ with a flat index over the batch's tokens (the batch folded in beside the token
         # dimension): on the CPU 3-6x faster than scatter_add_ with the slots expanded over the other dimensions.
+        batch = self.slots.shape[0]
+        offsets = torch.arange(batch, device=self.slots.device)[:, None] * (self.kept + self.drops)
+        object.__setattr__(self, "_flat", (self.slots + offsets).reshape(-1))
+
+    def __call__(self, t: Tensor, dim: int = 1) -> Tensor:
         dim = dim % t.dim()
         batch, n_tokens = self.slots.shape
         slots_out = self.kept + self.drops
         folded = t.movedim(0, dim - 1)  # (..., B, N, ...): the batch just before the tokens
         shape = folded.shape
         folded = folded.reshape(*shape[:dim - 1], batch * n_tokens, *shape[dim + 1:])
-        flat = (self.slots + torch.arange(batch, device=t.device)[:, None] * slots_out).reshape(-1)
-        merged = folded.new_zeros(*shape[:dim - 1], batch * slots_out, *shape[dim + 1:]).index_add_(dim - 1, flat, folded)
+        merged = folded.new_zeros(*shape[:dim - 1], batch * slots_out, *shape[dim + 1:])
+        merged = merged.index_add_(dim - 1, self._flat, folded)
         merged = merged.reshape(*shape[:dim - 1], batch, slots_out, *shape[dim + 1:]).movedim(dim - 1, 0)
         return merged.narrow(dim, 0, self.kept) if self.drops else merged
 

@@ -113,10 +113,14 @@ class ATMConfig(MethodConfig):
             macs = n_a * n_b * head_dim
 
             def decide(total: int, mergeable: int, n_real: int) -> int:
-                tokens_out = n_real - batch_r(total, batch, mergeable, self.r_multiple)
-                return min(-(-tokens_out // block.token_bucket) * block.token_bucket, n_tokens)
+                """The padded length out, or 0 when nothing merges."""
+                r = batch_r(total, batch, mergeable, self.r_multiple)
+                return r and min(-(-(n_real - r) // block.token_bucket) * block.token_bucket, n_tokens)
 
             def finish(tokens_out: int) -> Reduction:
+                if tokens_out == 0:  # as the unpadded step: the tokens as they are (no sizes where there were none)
+                    return Reduction(block.x, block.size, lambda t: t, macs, real_tokens=None if block.size is None
+                                     else n_real)
                 r = torch.minimum(count // batch, mergeable) // self.r_multiple * self.r_multiple  # `batch_r`
                 merge = padded_merge(matching, r, num_prefix, n_tokens, tokens_out)
                 reduction = weighted_reduction(merge, block.x, block.size, macs)

@@ -74,7 +74,7 @@ class MCTFConfig(MethodConfig):
             scores = multi_criteria_scores(block.x, received, size[..., 0], a_pos, b_pos, self)
             merge = bidirectional_merge(scores, a_pos, b_pos, r, num_prefix, self.bidirectional)
             weight = received[..., None] * size if self.attention_weighted else size
-            x, _ = merge_weighted(merge, block.x, weight)
+            x, merged_weight = merge_weighted(merge, block.x, weight)
             kept, qk_width = n_tokens - r, 2 * layer.attn.num_heads * layer.attn.head_dim
             # The one-step-ahead attention on all N tokens (norm1, q and k, q k^T) and the similarities, less
             # the q, k and q k^T of the N - r fused tokens, which the block's count holds but nothing computes.
@@ -82,7 +82,7 @@ class MCTFConfig(MethodConfig):
             saved = qk_width * width * kept + qk_width // 2 * kept ** 2
             similarity = a_pos.shape[1] * b_pos.shape[1] * width if self.tau_sim else 0
             macs = ahead - saved + similarity
-            return Reduction(x, merge(size), merge, macs, fused_attention(merge, attention, weight))
+            return Reduction(x, merge(size), merge, macs, fused_attention(merge, attention, weight, merged_weight))
 
         return Plan(step, before_attention=blocks)
 
@@ -152,8 +152,9 @@ def bidirectional_merge(scores: "Tensor", a_pos: "Tensor", b_pos: "Tensor", r: i
     return SlotMerge(slots, kept.shape[1])
 
 
-def fused_attention(merge: "SlotMerge", attention: "Tensor", weight: "Tensor") -> "Tensor":
+def fused_attention(merge: "SlotMerge", attention: "Tensor", weight: "Tensor", merged_weight: "Tensor") -> "Tensor":
     """The one-step-ahead attention (B, H, N, N) on the fused tokens (B, H, N', N'): fused keys add their
-    probabilities (each row still sums to 1); a fused query's row is the `weight`-weighted mean of its members'."""
+    probabilities (each row still sums to 1); a fused query's row is the `weight`-weighted mean of its members'
+    (`merged_weight`: `merge(weight)`, which the tokens' own merge has computed)."""
     keys = merge(attention, dim=-1)
-    return merge(keys * weight[:, None], dim=-2) / merge(weight)[:, None]
+    return merge(keys * weight[:, None], dim=-2) / merged_weight[:, None]
