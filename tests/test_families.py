@@ -2,6 +2,8 @@
 vision towers) and open_clip, with random weights from small configs (no downloads)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,17 @@ def test_a_method_that_reduces_nothing_gives_the_unpatched_output(family, images
                                         for i in range(5)]
     unpatch(model)
     assert torch.equal(output(model(images)), reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_atm_padded_to_token_buckets_gives_the_unpadded_output_and_counts(family, images):
+    """Padding (size 0) stays out of each family's attention and head, however the head pools."""
+    model = build(family)
+    exact, padded = patch(copy.copy(model), EAGER_ATM), patch(copy.copy(model), EAGER_ATM, token_bucket=8)
+    torch.testing.assert_close(output(padded(images)), output(exact(images)), atol=1e-5, rtol=0)
+    assert last_trace(padded).tokens == last_trace(exact).tokens
+    assert any(n % 8 for n in last_trace(exact).tokens[1:-1])  # padding was there
 
 
 def zero_position_embeddings(model: torch.nn.Module) -> None:

@@ -89,7 +89,9 @@ def patch(model: nn.Module, config: MethodConfig, trace_source: bool = False, to
     With `trace_source`, the trace also holds which input tokens each final token stands for. With
     `token_bucket` > 1, a method whose token counts depend on the data (ATM) pads each block's tokens
     with tokens of size 0 (masked out of attention, merging and pooling) up to a multiple of it: the
-    same logits and trace, computed on fewer distinct shapes, for a compiled model (`compiled.py`).
+    same logits and trace, computed on fewer distinct shapes, for a compiled model (`compiled.py`). An output
+    that is the token sequence itself (timm's `forward_features`, transformers' `last_hidden_state`) then
+    ends in the padding rows; `last_trace(model).tokens[-1]` says how many come before them.
     """
     if token_bucket < 1:
         raise ValueError(f"token_bucket must be at least 1, got {token_bucket}")
