@@ -18,7 +18,7 @@ g. For each g this runs, eagerly (shapes are decided by the data, not by the com
   with the ATM setting that `benchmarks/engine.py`'s `atm_for` finds for about 30% fewer GFLOPs on
   the first batch.
 
-Token buckets (`--buckets`, demo part): the compiled path's answer that keeps the paper's r. The exact
+Token buckets (`--buckets`): the compiled path's answer that keeps the paper's r. The exact
 setting (g = 1) is compiled (`compile_patched(token_bucket=P)`, `--backend`: aot_eager captures and
 guards as inductor does, without code generation) and run over the same full batches: graphs compiled
 in all and first in the second half (0: none new), whether every batch's token counts equal the eager
@@ -159,13 +159,17 @@ def demo_part(args, console: Console) -> list[dict]:
     for preset in presets:
         for row in run_multiples(workload, preset.method, args.multiples, args.batch_size, True, console, preset.name):
             rows.append({"part": "demo", "model": loaded.name, "data": images.source, **row})
-        if args.buckets:
-            exact = dataclasses.replace(preset.method, r_multiple=1)
-            with torch.inference_mode():
-                eager = workload.run(exact)
-            args.bucket_rows += [{"model": loaded.name, **row} for row in run_buckets(
-                workload, exact, eager, args.buckets, args.batch_size, args.backend, console, preset.name)]
+        add_bucket_rows(args, workload, preset.method, console, preset.name)
     return rows
+
+
+def add_bucket_rows(args, workload: Workload, config: ATMConfig, console: Console, label: str) -> None:
+    if args.buckets:
+        exact = dataclasses.replace(config, r_multiple=1)
+        with torch.inference_mode():
+            eager = workload.run(exact)
+        args.bucket_rows += [{"model": workload.loaded.name, **row} for row in run_buckets(
+            workload, exact, eager, args.buckets, args.batch_size, args.backend, console, label)]
 
 
 def imagenet_part(args, console: Console) -> list[dict]:
@@ -186,8 +190,10 @@ def imagenet_part(args, console: Console) -> list[dict]:
                   f"ATM for {target:.3f} GFLOPs: {found.to_params()} ({time.perf_counter() - start:.0f} s)",
                   highlight=False)
     label = f"ATM theta_min {found.theta_min:g} (~{100 * args.reduction:.0f}%)"
-    return [{"part": "imagenet", "model": loaded.name, "data": str(args.data), **row}
+    rows = [{"part": "imagenet", "model": loaded.name, "data": str(args.data), **row}
             for row in run_multiples(workload, found, args.multiples, args.batch_size, False, console, label)]
+    add_bucket_rows(args, workload, found, console, label)
+    return rows
 
 
 def table_of(rows: list[dict], args) -> Table:

@@ -9,11 +9,13 @@ dropped (each image is reduced independently of the others, so the real images' 
 counts are those of an unpadded run); a longer one runs eagerly. Nothing recompiles per size.
 
 ATM decides r from the batch's content in every block (one host synchronisation each): its forward
-compiles as one graph per block segment, split at that synchronisation. Its tokens are padded with
-tokens of size 0 up to a multiple of `token_bucket` (`patch(..., token_bucket)`: the same logits and
-trace), and r is a tensor inside the graphs, so each distinct (block, padded length in, padded length
-out) compiles once: at most depth x (197 / bucket + 1)^2 for DeiT, far fewer in practice, and then
-none new. Its short batches run eagerly (padding the batch would move the batch-adaptive r).
+compiles as one graph per block segment, split at that synchronisation. With `token_bucket` > 1 (the
+default, 8) each block merges on the device with r a tensor, its output as long as its input, the
+real tokens first and padding of size 0 after them (`patch(..., token_bucket)`: the same logits and
+trace); the host reads r and cuts the padding to the next multiple of the bucket. Each segment then
+depends on (block, padded length) alone: at most depth x (tokens / bucket + 1) graphs, and once the
+lengths the data reaches are met, none new. Its short batches run eagerly (padding the batch would
+move the batch-adaptive r).
 """
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ from torch import Tensor
 from .patching import _STATE
 
 # Every patched view of a model shares the forward's code object, and ATM's segments are resumptions of one
-# code object, each (block, length in, length out) a cache entry of it: dynamo's default limit (8) would fall
-# back to eager.
+# code object, each (block, length) a cache entry of it: dynamo's default limit (8) would fall back to eager.
 VARIANT_LIMIT = 4096
 # ATM's tokens are padded to multiples of this in a compiled model: benchmarks/atm_shapes.py --buckets.
 TOKEN_BUCKET = 8
@@ -152,7 +153,7 @@ def compile_patched(model: Callable[[Tensor], Tensor], mode: str | None = "auto"
     `mode`: torch.compile's; "auto" (default): "reduce-overhead" (CUDA graphs) when the first batch is on a
     GPU, torch's default otherwise. `batch_size`: the compiled batch size (None: the first call's).
     `token_bucket`: a data-dependent method's (ATM's) tokens are padded to multiples of it (1: no padding,
-    one graph per distinct (block, tokens, r)). Patching the model again afterwards needs a new
+    one graph per distinct (block, tokens, r); else one per (block, padded length)). Patching the model again afterwards needs a new
     `compile_patched`.
     """
     return CompiledModel(model, mode=mode, batch_size=batch_size, backend=backend, token_bucket=token_bucket)

@@ -181,9 +181,9 @@ def merge_closure(matching: Matching, r: int, num_prefix: int) -> Callable[[Tens
     return merge_sum
 
 
-def padded_merge(matching: Matching, r: Tensor, num_prefix: int, n_tokens: int, tokens_out: int) -> "SlotMerge":
+def padded_merge(matching: Matching, r: Tensor, num_prefix: int, n_tokens: int) -> "SlotMerge":
     """`merge_closure` over a padded sequence of `n_tokens`, with r a tensor, so that one compiled graph serves
-    every r: the result holds the same tokens in the same order, then padding up to `tokens_out` (size 0)."""
+    every r: the result holds the same tokens in the same order, then padding (size 0) up to `n_tokens`."""
     batch, n_a = matching.best.shape
     n_b = matching.b_real.shape[1]
     device = matching.best.device
@@ -196,12 +196,12 @@ def padded_merge(matching: Matching, r: Tensor, num_prefix: int, n_tokens: int, 
     b_slot = num_prefix + unmerged.sum(dim=1, keepdim=True) + b_kept.cumsum(dim=1) - 1  # then b in b order
     a_at = _positions(matching.a_pos, batch, n_tokens, device)
     b_at = _positions(matching.b_pos, batch, n_tokens, device)
-    slots = torch.full((batch, n_tokens), tokens_out, dtype=torch.long, device=device)  # tokens_out: dropped
+    slots = torch.full((batch, n_tokens), n_tokens, dtype=torch.long, device=device)  # slot n_tokens: dropped
     slots[:, :num_prefix] = torch.arange(num_prefix, device=device)
     for at, chosen, slot in ((a_at, unmerged, a_slot), (b_at, b_kept, b_slot),
                              (a_at, merged, b_slot.gather(1, matching.best_j))):  # the merged go where their b went
         slots.scatter_(1, at, torch.where(chosen, slot, slots.gather(1, at)))
-    return SlotMerge(slots, tokens_out, drops=True)
+    return SlotMerge(slots, n_tokens, drops=True)
 
 
 def _positions(pos: Tensor | slice, batch: int, n_tokens: int, device: torch.device) -> Tensor:

@@ -17,7 +17,7 @@ from .attention import attention_with_sizes
 from .backbones import backbone_of
 from .backbones.parts import BlockParts, Hook, MergingRun, through
 from .flops import BlockStep, Geometry
-from .methods import BlockInput, Deferred, MethodConfig, Plan, Reduction
+from .methods import BlockInput, Deferred, MethodConfig, Padded, Plan, Reduction
 
 _STATE = "_atm_state"
 _GEOMETRY: "weakref.WeakKeyDictionary[nn.Module, Geometry]" = weakref.WeakKeyDictionary()
@@ -56,8 +56,11 @@ class _Pass:
         source = torch.eye(n_tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1) if trace_source else None
         return cls(None, source, [n_tokens])
 
-    def apply(self, reduction: Reduction | None, x: Tensor) -> Tensor:
+    def apply(self, reduction: Reduction | Padded | None, x: Tensor) -> Tensor:
         if reduction is None:
+            return x
+        if isinstance(reduction, Padded):
+            x, self.size, self.source, self.real = _cut_on_host(reduction, self.source)
             return x
         self.size = reduction.size
         self.source = None if self.source is None else reduction.combine(self.source)
@@ -304,4 +307,16 @@ def _step(plan: Plan, block: BlockInput) -> Reduction | None:
 def _decide_on_host(deferred: Deferred) -> int:
     """The step's one host synchronisation, and its decision, outside any compiled graph: a compiled
     model's next graph is specialised on the decision (ATM's r), not on the count it came from."""
-    return deferred.decide(*deferred.total.reshape(-1).tolist())
+    return deferred.decide(int(deferred.total.item()))
+
+
+@torch.compiler.disable
+def _cut_on_host(padded: Padded, source: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """A padded step's tokens, sizes, source maps and real count, its padding cut to the next multiple of its
+    bucket: the step's one host read, outside any graph, so that the next compiled segment is specialised on
+    the length that follows (a handful per block), not on r."""
+    r, real = padded.r_and_real.tolist()
+    chosen = padded.unchanged if r == 0 else padded.merged
+    length = chosen.x.shape[1] if r == 0 else min(-(-real // padded.bucket) * padded.bucket, chosen.x.shape[1])
+    source = None if source is None else chosen.combine(source)[:, :length]
+    return chosen.x[:, :length], None if chosen.size is None else chosen.size[:, :length], source, chosen.real_tokens

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, Deferred, MethodConfig, Param, Plan, Reduction
+from .base import BlockInput, Deferred, MethodConfig, Padded, Param, Plan, Reduction
 
 if TYPE_CHECKING:
     from ..backbones.parts import Backbone
@@ -95,10 +95,9 @@ class ATMConfig(MethodConfig):
 
             return Deferred(count_above(matching, thresholds[block.index]), decide, finish)
 
-        def padded_step(block: BlockInput) -> Deferred:
-            """The same step on a sequence that may end in padding (size 0), every count a tensor: the host
-            reads the count above the threshold, the mergeable tokens and the real tokens, and decides only
-            the padded length out (the next multiple of the bucket), which the compiled graphs are keyed by."""
+        def padded_step(block: BlockInput) -> Padded:
+            """The same step on a sequence that may end in padding (size 0), computed whole on the device at the
+            input's length, r a tensor: no host read here (the engine's cut of the padding makes the one)."""
             batch, n_tokens, head_dim = block.metric.shape
             real = (torch.ones(batch, n_tokens, dtype=torch.bool, device=block.x.device) if block.size is None
                     else block.size[..., 0] > 0)
@@ -107,27 +106,16 @@ class ATMConfig(MethodConfig):
             else:
                 split = padded_size_distinctive_split(block.size, real, num_prefix)
             matching = bipartite_match(block.metric, *split)
-            count = count_above(matching, thresholds[block.index])
-            n_a, n_b = matching.a_real[0].sum(), matching.b_real[0].sum()
-            mergeable, n_real = n_a - matching.a_prefix, real[0].sum()
+            n_a, n_b, n_real = matching.a_real[0].sum(), matching.b_real[0].sum(), real[0].sum()
+            r = torch.minimum(count_above(matching, thresholds[block.index]) // batch, n_a - matching.a_prefix)
+            r = r // self.r_multiple * self.r_multiple  # `batch_r`, on the device
             macs = n_a * n_b * head_dim
-
-            def decide(total: int, mergeable: int, n_real: int) -> int:
-                """The padded length out, or 0 when nothing merges."""
-                r = batch_r(total, batch, mergeable, self.r_multiple)
-                return r and min(-(-(n_real - r) // block.token_bucket) * block.token_bucket, n_tokens)
-
-            def finish(tokens_out: int) -> Reduction:
-                if tokens_out == 0:  # as the unpadded step: the tokens as they are (no sizes where there were none)
-                    return Reduction(block.x, block.size, lambda t: t, macs, real_tokens=None if block.size is None
-                                     else n_real)
-                r = torch.minimum(count // batch, mergeable) // self.r_multiple * self.r_multiple  # `batch_r`
-                merge = padded_merge(matching, r, num_prefix, n_tokens, tokens_out)
-                reduction = weighted_reduction(merge, block.x, block.size, macs)
-                reduction.real_tokens = n_real - r
-                return reduction
-
-            return Deferred(torch.stack([count, mergeable, n_real]), decide, finish)
+            merged = weighted_reduction(padded_merge(matching, r, num_prefix, n_tokens), block.x, block.size, macs)
+            merged.real_tokens = n_real - r
+            # As the unpadded step when r is 0: the tokens as they are (no sizes where there were none).
+            unchanged = Reduction(block.x, block.size, lambda t: t, macs,
+                                  real_tokens=None if block.size is None else n_real)
+            return Padded(merged, unchanged, torch.stack([r, n_real - r]), block.token_bucket)
 
         return Plan(step, thresholds=thresholds)
 

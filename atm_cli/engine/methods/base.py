@@ -186,30 +186,47 @@ class Reduction:
     extra_macs: int = 0  # the step's own multiply-adds per image (similarities, scores), for GFLOPs
     # Before the attention only: (B, H, N', N') probabilities the block's attention uses instead of its own.
     attention: "Tensor | None" = None
-    # A padded output: how many of its tokens are real (a 0-d tensor, all images alike); they come first, the
-    # padding after them has size 0. `extra_macs` is then a 0-d tensor too: the host reads both once, at the end.
+    # A padded output (see `Padded`): how many of its tokens are real (a 0-d tensor, all images alike); they
+    # come first, the padding after them has size 0. `extra_macs` may then be a 0-d tensor too: the host reads
+    # the counts of a padded pass once, at its end.
     real_tokens: "Tensor | None" = None
 
 
 @dataclass
 class Deferred:
-    """A reduction that waits for integers from the host: `decide` turns `total` (an integer tensor, e.g.
-    ATM's count of pairs above the threshold over the batch; each of its values one argument) into the
-    integer `finish` needs (r, or on a padded sequence the padded length), `finish(it)` is the reduction.
+    """A reduction that waits for one integer from the host: `decide` turns `total` (a 0-d integer tensor, e.g.
+    ATM's count of pairs above the threshold over the batch) into r, `finish(r)` is the reduction.
 
     The engine reads `total` and runs `decide` outside any compiled graph, so that a compiled model
-    specialises its next segment on that integer, not on the raw count (fewer distinct segments)."""
+    specialises its next segment on r itself, not on the raw count (fewer distinct segments)."""
 
     total: "Tensor"
-    decide: Callable[..., int]
+    decide: Callable[[int], int]
     finish: Callable[[int], "Reduction | None"]
+
+
+@dataclass
+class Padded:
+    """A data-dependent reduction computed whole in the graph, at the input's length (`BlockInput.token_bucket`
+    > 1): `merged` holds the real tokens first (`merged.real_tokens` of them), then padding of size 0. The
+    engine reads r and that count on the host and cuts the padding to the next multiple of `bucket`
+    (`unchanged` when r is 0), outside any graph: the next compiled segment depends on that length alone."""
+
+    merged: Reduction
+    unchanged: Reduction
+    r_and_real: "Tensor"  # (2,) integers: r, and the real tokens after merging
+    bucket: int
+
+    @property
+    def extra_macs(self) -> "Tensor | int":
+        return self.merged.extra_macs
 
 
 @dataclass
 class Plan:
     """A method made concrete for one model: its step, and the blocks that need attention probabilities."""
 
-    step: Callable[[BlockInput], "Reduction | Deferred | None"]
+    step: Callable[[BlockInput], "Reduction | Deferred | Padded | None"]
     attention_blocks: frozenset[int] = frozenset()
     thresholds: list[float] | None = None  # ATM's per-block thresholds, for traces and plots
     per_head_attention: bool = False  # those blocks' attention per head (B, H, N, N) instead of the head mean
