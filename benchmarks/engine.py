@@ -13,8 +13,8 @@ batch), each a copy of the model patched once, run in alternation, batch by batc
 hits them alike; images/s is the median over rounds, each forward synchronised. With `--compile`, the
 copies are also (both) or only (yes) measured compiled as `atm --compile on` runs them
 (`atm_cli.engine.compiled`: static shapes, one graph per batch size for ToMe, CUDA graphs on the GPU;
-ATM in per-block segments, and ATM with r rounded to multiples of 8, "ATM g8", which meets fewer
-shapes), compile time left out and reported. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
+ATM in per-block segments, its tokens padded to multiples of 8, and ATM with r rounded to multiples
+of 8, "ATM g8", a different setting), compile time left out and reported. The last columns: speedup / (baseline GFLOPs / method GFLOPs),
 1.0 when merging costs nothing beyond the FLOPs it saves (issue target on an H100/H200-class GPU: >= 0.9
 at batch >= 64 in bf16 and fp16), and the attention kernels `scaled_dot_product_attention` chose (read off
 the profiler's op names: flash, efficient, cudnn or math).
