@@ -46,7 +46,7 @@ class _Pass:
 
     size: Tensor | None  # None until the first merge: all sizes are 1
     source: Tensor | None
-    tokens: list[int]  # the sequence's length entering each block (padding included)
+    tokens: list[int]  # the sequence's length entering each block (unpadded passes: the trace's counts)
     steps: list[BlockStep] = field(default_factory=list)  # real counts: 0-d tensors where padding was
     real: Tensor | None = None  # how many tokens are real when the sequence ends in padding (size 0)
 
@@ -205,7 +205,7 @@ def _one_block(state: _State, index: int, x: Tensor) -> Tensor:
     if index == 0:
         state.running = _Pass.entering(x, state.trace_source)
     running = state.running
-    if running is None or len(running.tokens) != index + 1 or running.tokens[-1] != x.shape[1]:
+    if running is None or len(running.steps) != index or (state.token_bucket == 1 and running.tokens[-1] != x.shape[1]):
         raise ValueError(f"block {index} of a merging model ran out of order: the blocks must run in turn, from block 0")
     x = _block(state, index, state.blocks[index], x, running)
     if index == len(state.blocks) - 1:
@@ -239,7 +239,8 @@ def _block(state: _State, index: int, parts: BlockParts, x: Tensor, running: _Pa
     step_macs = 0 if reduction is None else reduction.extra_macs
     x = x + through(parts.after_mlp, parts.mlp(parts.norm2(x)))
     running.steps.append(BlockStep(n_in, running.real_tokens(x), step_macs))
-    running.tokens.append(x.shape[1])
+    if state.token_bucket == 1:  # a padded pass keeps no lengths: a compiled graph would be keyed on their history
+        running.tokens.append(x.shape[1])
     return x
 
 
@@ -271,7 +272,7 @@ def _finish_padded(state: _State, running: _Pass) -> None:
     read = iter(torch.stack(tensors).tolist()) if tensors else iter(())
     values = [next(read) if isinstance(value, Tensor) else value for value in values]
     steps = [BlockStep(*values[i:i + 3]) for i in range(0, len(values), 3)]
-    tokens = [running.tokens[0]] + [step.tokens_after_merge for step in steps]
+    tokens = [steps[0].tokens_in] + [step.tokens_after_merge for step in steps]
     real = tokens[-1]
     state.trace = Trace(
         tokens=tokens,
@@ -318,5 +319,8 @@ def _cut_on_host(padded: Padded, source: Tensor | None) -> tuple[Tensor, Tensor 
     r, real = padded.r_and_real.tolist()
     chosen = padded.unchanged if r == 0 else padded.merged
     length = chosen.x.shape[1] if r == 0 else min(-(-real // padded.bucket) * padded.bucket, chosen.x.shape[1])
-    source = None if source is None else chosen.combine(source)[:, :length]
-    return chosen.x[:, :length], None if chosen.size is None else chosen.size[:, :length], source, chosen.real_tokens
+
+    def cut(t: Tensor | None) -> Tensor | None:  # contiguous: a view's strides would key the next graph on r too
+        return None if t is None else t[:, :length].contiguous()
+
+    return cut(chosen.x), cut(chosen.size), cut(None if source is None else chosen.combine(source)), chosen.real_tokens
