@@ -56,8 +56,20 @@ class Interruptible:
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        self.interrupted = kind is KeyboardInterrupt and self.keep_partial
+        self.interrupted = self.keep_partial and interrupt_behind(error)
         return self.interrupted  # True swallows the interrupt: the caller reports what it finished
+
+
+def interrupt_behind(error: BaseException | None) -> bool:
+    """Whether Ctrl-C (or SIGTERM, which atm raises as Ctrl-C) is what `error` came from: an interrupt that lands
+    in a library's clean-up (Optuna's journal storage releasing a lock it had not yet taken) can surface as the
+    error that clean-up raised (FileNotFoundError), with the interrupt as its context. An error raised `from None`
+    in its place was meant to replace it, and ends the search."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = None if error.__suppress_context__ else error.__context__
+    return False
 
 
 def first_line(error: BaseException) -> str:

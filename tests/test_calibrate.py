@@ -384,6 +384,23 @@ def test_ctrl_c_between_trials_counts_the_finished_trials_kept():
     assert inside.value.kept == 7
 
 
+def test_an_interrupt_that_optunas_clean_up_hides_is_still_an_interrupt():
+    """SIGTERM inside a journal storage's lock once surfaced as the FileNotFoundError its release raised (exit 1,
+    a traceback); the interrupt behind it is what the user gets told about. Other errors pass through."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    with pytest.raises(SearchInterrupted) as hidden:
+        with interruptible(study):
+            try:
+                raise KeyboardInterrupt
+            finally:
+                raise FileNotFoundError("the lock file, released before it was taken")
+    assert hidden.value.kept == 1
+    with pytest.raises(FileNotFoundError):
+        with interruptible(study):
+            raise FileNotFoundError("a real failure")
+
+
 @pytest.mark.slow
 def test_ctrl_c_mid_trial_says_what_is_kept_in_one_line_and_the_same_command_resumes(tiny, tmp_path):
     storage = f"sqlite:///{tmp_path / 'calib.db'}"

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from atm_cli.engine import ATMConfig
-from atm_cli.errors import RunError
+from atm_cli.errors import RunError, interrupt_behind
 from atm_cli.evaluation import BatchOutcome, Outcomes
 
 from .space import SearchSpace
@@ -82,6 +82,11 @@ def interruptible(study: optuna.Study) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         raise SearchInterrupted(len(study.get_trials(deepcopy=False, states=FINISHED))) from None
+    except Exception as error:
+        if not interrupt_behind(error):
+            raise
+        raise SearchInterrupted(len(study.get_trials(deepcopy=False, states=FINISHED))) from None
+
 
 
 @dataclass

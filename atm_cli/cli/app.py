@@ -10,10 +10,11 @@ import importlib
 import logging
 import signal
 
+import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from atm_cli.errors import AtmError
+from atm_cli.errors import AtmError, interrupt_behind
 
 from . import checks
 from .flags import flag_of
@@ -73,7 +74,11 @@ class _ReportingGroup(_Group):
             message = " ".join(error.naming(flag_of).split())
             typer.echo(f"atm: error: {message}", err=True)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # a command's own exit (after reporting an interrupt it caught, too)
+        except (KeyboardInterrupt, Exception) as error:  # an interrupt, or an error that one caused
+            if not interrupt_behind(error):
+                raise
             typer.echo("interrupted before a result was ready: nothing was kept", err=True)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
