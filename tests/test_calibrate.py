@@ -23,7 +23,6 @@ from atm_cli.calibration.search import GFLOPS_SLACK, SearchInterrupted, interrup
 from atm_cli.calibration.calibrate import seed_constant
 from atm_cli.calibration.seeding import check_budget, constant_for_budget
 from atm_cli.calibration.study import open_storage, open_study
-from atm_cli.calibration.trials import setting_key
 from atm_cli.engine import merging
 from atm_cli.evaluation import BatchOutcome, Outcomes, load_model, load_unlabelled_images, preload
 from atm_cli.cli.app import app
@@ -198,8 +197,8 @@ def test_a_setting_with_the_thresholds_of_an_earlier_trial_is_read_back_not_run(
     flat = ATMConfig(alpha=0.945, beta=0.02, theta_min=0.945)
     same = ATMConfig(alpha=0.945, beta=0.035, theta_min=0.945)
     other = ATMConfig(alpha=0.95, beta=0.035, theta_min=0.945)  # block 1's threshold is 0.95
-    assert setting_key(flat, 12) == setting_key(same, 12) != setting_key(other, 12)
-    assert setting_key(flat, 12) != setting_key(ATMConfig(0.945, 0.02, 0.945, split_layer=3), 12)
+    assert flat.setting_key(12) == same.setting_key(12) != other.setting_key(12)
+    assert flat.setting_key(12) != ATMConfig(0.945, 0.02, 0.945, split_layer=3).setting_key(12)
     source = HandBuilt()
     _, _, result = run_search(source, NoDropGoal(100.0), n_trials=3, known_good=[flat, same, other])
     first, repeat, third = result.trials

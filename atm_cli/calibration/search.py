@@ -31,7 +31,7 @@ from .space import SearchSpace
 from .stats import Standing
 from .study import InterruptsOutsideTrials, SurplusTrial, up_to
 from .trials import (CONSTRAINT, FINISHED, REASON_ATTR, REPEATS_ATTR, SETTING_ATTR, WORKER, WORKER_ATTR, Finished,
-                     has_outcomes, record, setting_key)
+                     has_outcomes, record)
 
 if TYPE_CHECKING:
     from .goals import Goal  # the goals run their steps through the search
@@ -189,7 +189,7 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial, self.source.depth)
-        setting = setting_key(config, self.source.depth)
+        setting = config.setting_key(self.source.depth)
         trial.set_user_attr(WORKER_ATTR, WORKER)  # which process ran it, when several share the study
         trial.set_user_attr(SETTING_ATTR, setting)
         incumbent, ratios = self.incumbent(trial.study), self.gflops_ratios(trial.study)

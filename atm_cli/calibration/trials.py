@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from atm_cli.engine import ATMConfig, resolve_split_layer, threshold_schedule
 from atm_cli.evaluation import Outcomes
 
 from .space import DIGITS
@@ -16,22 +15,12 @@ from .space import DIGITS
 CONSTRAINT = "goal"  # the name of the one constraint each trial records
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SETUP_ATTR = "atm_setup"
-SETTING_ATTR = "setting"  # a trial's setting_key
+SETTING_ATTR = "setting"  # a trial's ATMConfig.setting_key
 OUTCOMES_ATTR = "outcomes"  # a trial's Outcomes.to_record()
 REPEATS_ATTR = "repeats_trial"
 REASON_ATTR = "pruned_because"
 WORKER_ATTR = "worker"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def setting_key(config: ATMConfig, depth: int) -> str:
-    """What the engine runs for `config`: its per-block thresholds and split layer.
-
-    Settings with the same key merge identically, e.g. any alpha <= theta_min gives the constant
-    threshold theta_min whatever beta is, so the search runs such a setting only once.
-    """
-    thresholds = ",".join(f"{t:.9f}" for t in threshold_schedule(config, depth))
-    return f"{thresholds}|{resolve_split_layer(config, depth)}"
 
 
 @dataclass

@@ -51,6 +51,15 @@ class ATMConfig(MethodConfig):
     block_thresholds: tuple[float, ...] | None = None
     prefix_only_last_block: bool = True
 
+    def setting_key(self, depth: int) -> str:
+        """What the engine runs for this setting on a `depth`-block model: its per-block thresholds and split layer.
+
+        Settings with the same key merge identically, e.g. any alpha <= theta_min gives the constant
+        threshold theta_min whatever beta is, so a search runs such a setting only once.
+        """
+        thresholds = ",".join(f"{t:.9f}" for t in threshold_schedule(self, depth))
+        return f"{thresholds}|{resolve_split_layer(self, depth)}"
+
     @classmethod
     def constant(cls, threshold: float, **kwargs) -> "ATMConfig":
         """One threshold in every block (beta = 0): the constant-threshold schedule of the paper's Fig. 5."""
