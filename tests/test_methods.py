@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from atm_cli.cli.app import app
-from atm_cli.engine import METHODS, ATMConfig, ToMeConfig, method_config
+from atm_cli.engine import METHODS, ATMConfig, ToMeConfig, constant_knob, method_config, ramp_knob
 from atm_cli.presets import ModelInfo, Measured, build_preset, load_preset, save_preset
 
 
@@ -26,6 +26,19 @@ def test_every_method_round_trips_through_a_preset_file(name, tmp_path):
     preset = build_preset(config, ModelInfo(name="deit_small_patch16_224"), 64, Measured(gflops=3.0))
     loaded = load_preset(save_preset(preset, tmp_path / f"{name}.yaml"))
     assert loaded.method_name == name and loaded.method == config
+
+
+def test_the_papers_fig5_schedules_are_knobs_from_nothing_merged_up():
+    """Top-r rising (falling) by one per block to the step's r in the last (first) block, never below 0 (step 0:
+    nothing merged); the constant threshold's steps walk its grid with beta 0; a method's knob bears its name."""
+    rising, falling = ramp_knob(depth=4, image_tokens=16, rising=True), ramp_knob(4, 16, rising=False)
+    assert rising.config(5).r == (2, 3, 4, 5) and falling.config(5).r == (5, 4, 3, 2)
+    assert rising.config(2).r == (0, 0, 1, 2) and rising.params(2) == {"r": 2, "schedule": [0, 0, 1, 2]}
+    assert rising.config(0).r == (0, 0, 0, 0) and rising.top == 16 // 2 + 4 - 1
+    constant = constant_knob([1.0, 0.95, 0.9], split_layer=3)
+    assert constant.config(2) == ATMConfig(alpha=0.9, beta=0.0, theta_min=0.9, split_layer=3)
+    assert constant.params(1) == {"threshold": 0.95} and constant.top == 2 and constant.name == "threshold"
+    assert METHODS["tome"].knob(4, 16).params(3) == {"r": 3} and METHODS["tome"].knob(4, 16).name == "tome"
 
 
 def test_the_codec_carries_every_field_of_a_setting(tmp_path):

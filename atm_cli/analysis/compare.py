@@ -25,12 +25,12 @@ from pathlib import Path
 from ..calibration import BudgetGoal, RangeFlags, SearchSpace, search_on
 from ..calibration.goals import CappedGoal, LatencyGoal
 from ..calibration.speed import FIT_SETTINGS, fit_settings
-from ..engine import ATMConfig, MethodConfig
+from ..engine import ATMConfig, Knob, MethodConfig
 from ..errors import UsageError
 from ..evaluation import Outcomes, Workload, describe_method
 from ..evaluation.latency import MeasuredSpeed, device_latency
 from ..paper import BUDGETS, METHODS
-from .ladders import (ATM, ChosenSetting, Cost, Ladder, OnBaseline, Progress, answer_atm_last, check_methods,
+from .ladders import (ATM, ChosenSetting, Cost, OnBaseline, Progress, answer_atm_last, check_methods,
                       config_class, gflops_of, ladders, least_merging_within)
 from .plotting import pyplot, save_figure
 from .timing import By, Timing
@@ -68,7 +68,7 @@ def time_unit(workload: Workload, fits: dict[str, Sequence[MethodConfig]],
     return BudgetUnit(By.TIME, unmerged, predicted, goal)
 
 
-def step_fits(methods: Sequence[str], known: dict[str, Ladder], space: SearchSpace,
+def step_fits(methods: Sequence[str], known: dict[str, Knob], space: SearchSpace,
               depth: int) -> dict[str, list[MethodConfig]]:
     """The settings each method's step cost is fitted on, by config name: ToMe's schedules share ToMe's, and the
     constant threshold ATM's, fitted on the space's constants as `atm calibrate --target-speedup` fits it."""
@@ -79,7 +79,7 @@ def step_fits(methods: Sequence[str], known: dict[str, Ladder], space: SearchSpa
     return fits
 
 
-def spread(ladder: Ladder, n: int = FIT_SETTINGS) -> list[MethodConfig]:
+def spread(ladder: Knob, n: int = FIT_SETTINGS) -> list[MethodConfig]:
     """Up to `n` settings of the ladder, from its least merging step to its most."""
     steps = sorted({1 + round(i * (ladder.top - 1) / (n - 1)) for i in range(n)})
     return [ladder.config(step) for step in steps]
@@ -154,14 +154,14 @@ def compare(workload: Workload, methods: Sequence[str] = METHODS, budgets: Seque
     return CompareReport(baseline, list(methods), list(budgets), ordered, space, Timing.of(workload), by, interrupted)
 
 
-def ladder_within(workload: Workload, ladder: Ladder, budget: float, unit: BudgetUnit) -> ComparePoint:
+def ladder_within(workload: Workload, ladder: Knob, budget: float, unit: BudgetUnit) -> ComparePoint:
     """A ladder method's point at one budget: its least merging within it."""
     limit = budget * unit.unmerged
     found = least_merging_within(workload, ladder, limit, unit.cost)
     if found is None:
-        return ComparePoint(ladder.method, budget, limit, None, None, by=unit.by)
+        return ComparePoint(ladder.name, budget, limit, None, None, by=unit.by)
     step, run = found
-    return ComparePoint(ladder.method, budget, limit, run, ladder.params(step), ladder.config(step), by=unit.by)
+    return ComparePoint(ladder.name, budget, limit, run, ladder.params(step), ladder.config(step), by=unit.by)
 
 
 def atm_within(workload: Workload, budget: float, unit: BudgetUnit, n_trials: int, seed: int, space: SearchSpace,

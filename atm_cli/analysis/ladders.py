@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from ..calibration import SearchSpace
 from ..engine import METHODS as REGISTRY
-from ..engine import ATMConfig, MethodConfig, ToMeConfig
+from ..engine import CONSTANT_KNOB, ATMConfig, Knob, MethodConfig, constant_knob, ramp_knob
 from ..errors import Interruptible, UsageError
 from ..evaluation import Comparison, LoadedModel, Outcomes, Workload
 from ..evaluation.latency import MeasuredSpeed
@@ -27,55 +26,21 @@ Progress = Callable[[int, int], None]
 Cost = Callable[[MethodConfig, Outcomes], float]  # a setting's run, in a budget's unit
 
 ATM = ATMConfig.NAME
-CONSTANT = "threshold"  # the constant threshold's ladder, whose answer seeds ATM's search
+CONSTANT = CONSTANT_KNOB  # the constant threshold's ladder, whose answer seeds ATM's search
 
 
-@dataclass(frozen=True)
-class Ladder:
-    """A one-parameter family of settings: step 0 merges nothing, step `top` merges the most it can."""
-
-    method: str
-    description: str
-    config: Callable[[int], MethodConfig]
-    params: Callable[[int], dict]
-    top: int
-
-
-def ramp(peak: int, depth: int) -> list[int]:
-    """r growing by one per block up to `peak` in the last block (never below 0)."""
-    return [max(0, peak - (depth - 1) + block) for block in range(depth)]
+def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Knob]:
+    """The ladders for this model's depth and token count, by name: every registered method's knob (ATM's
+    is its calibration search instead), then the paper's Fig. 5 schedules, the constant threshold on ATM's
+    threshold grid (`space`)."""
+    depth, image_tokens = loaded.depth, loaded.image_tokens
+    knobs = [cls.knob(depth, image_tokens) for cls in REGISTRY.values() if cls is not ATMConfig]
+    knobs += [ramp_knob(depth, image_tokens, rising=True), ramp_knob(depth, image_tokens, rising=False),
+              constant_knob(space.threshold_grid(), space.split_layer)]
+    return {knob.name: knob for knob in knobs}
 
 
-def knob_ladder(loaded: LoadedModel, cls: type[MethodConfig]) -> Ladder:
-    """A registered method's knob for this model, as a ladder."""
-    knob = cls.knob(loaded.depth, loaded.image_tokens)
-    return Ladder(cls.NAME, cls.SUMMARY, knob.config, lambda step: {knob.param: getattr(knob.config(step), knob.param)},
-                  knob.top)
-
-
-def ladders(loaded: LoadedModel, space: SearchSpace) -> dict[str, Ladder]:
-    """The ladders for this model's depth and token count, by method name: every registered method's
-    knob (ATM's is its calibration search instead), then the paper's Fig. 5 schedules, the constant
-    threshold on ATM's threshold grid (`space`)."""
-    depth = loaded.depth
-    image_tokens = loaded.image_tokens
-    half = image_tokens // 2  # r above this merges no more in any block: ToMe caps r at half the image tokens
-    grid = space.threshold_grid()
-
-    return {
-        **{name: knob_ladder(loaded, cls) for name, cls in REGISTRY.items() if cls is not ATMConfig},
-        "tome-increasing": Ladder("tome-increasing", "top-r rising by one per block (alternate matching)",
-                                  lambda r: ToMeConfig(r=ramp(r, depth)),
-                                  lambda r: {"r": r, "schedule": ramp(r, depth)}, half + depth - 1),
-        "tome-decreasing": Ladder("tome-decreasing", "top-r falling by one per block (alternate matching)",
-                                  lambda r: ToMeConfig(r=ramp(r, depth)[::-1]),
-                                  lambda r: {"r": r, "schedule": ramp(r, depth)[::-1]}, half + depth - 1),
-        CONSTANT: Ladder(CONSTANT, "constant threshold in every block (ATM with beta = 0)",
-                         lambda s: space.constant(grid[s]), lambda s: {"threshold": grid[s]}, len(grid) - 1),
-    }
-
-
-def config_class(method: str, known: dict[str, Ladder]) -> type[MethodConfig]:
+def config_class(method: str, known: dict[str, Knob]) -> type[MethodConfig]:
     """The class of a method's settings: a registered method's own, or its ladder's (the constant's: ATM's)."""
     return REGISTRY[method] if method in REGISTRY else type(known[method].config(0))
 
@@ -90,7 +55,7 @@ def gflops_of(config: MethodConfig, run: Outcomes) -> float:
     return run.gflops
 
 
-def least_merging_within(workload: Workload, ladder: Ladder, limit: float,
+def least_merging_within(workload: Workload, ladder: Knob, limit: float,
                          cost: Cost = gflops_of) -> tuple[int, Outcomes] | None:
     """The smallest ladder step whose cost (GFLOPs, or predicted time) on all batches is <= `limit`, and its
     run (None: none fits)."""

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 from ..calibration import NoDropGoal, RangeFlags, SearchSpace, search_on
 from ..calibration.stats import required_hits, within_reach
-from ..engine import ATMConfig, MethodConfig
+from ..engine import ATMConfig, Knob, MethodConfig
 from ..errors import UsageError, param
 from ..evaluation import Outcomes, Workload, describe_method
 from ..evaluation.latency import MeasuredSpeed
 from ..paper import METHODS
-from .ladders import ATM, ChosenSetting, Ladder, OnBaseline, Progress, answer_atm_last, check_methods, ladders
+from .ladders import ATM, ChosenSetting, OnBaseline, Progress, answer_atm_last, check_methods, ladders
 from .timing import By, Timing
 
 LOOKAHEAD = 2
@@ -154,14 +154,14 @@ def largest_passing_step(passes: Callable[[int], bool], top: int, lookahead: int
         floor = max(beyond)
 
 
-def climb(workload: Workload, ladder: Ladder, needed: int,
+def climb(workload: Workload, ladder: Knob, needed: int,
           lookahead: int = LOOKAHEAD) -> MethodResult:
     """The ladder's largest passing step by `largest_passing_step`, with every trial recorded.
 
     Step 0 is taken to pass without a run (it merges nothing): when it is the answer, no setting
     that reduces anything passed.
     """
-    result = MethodResult(ladder.method, ladder.description, None, None)
+    result = MethodResult(ladder.name, ladder.description, None, None)
     runs: dict[int, Outcomes] = {}
 
     def passes(step: int) -> bool:

@@ -24,7 +24,7 @@ from ..engine import ATMConfig, MethodConfig, ToMeConfig, last_trace, merging
 from ..errors import UsageError
 from ..evaluation import LoadedModel, Workload
 from ..evaluation.models import require_timm
-from .ladders import knob_ladder, least_merging_within
+from .ladders import least_merging_within
 from .plotting import pyplot, save_figure
 
 PANEL_PIXELS = 128  # about this many pixels a side for each picture
@@ -145,7 +145,7 @@ def matching_tome(loaded: LoadedModel, pictures: Sequence[Tensor], config: Metho
     labels = torch.zeros(1, dtype=torch.long)
     one_by_one = Workload(loaded, [(picture[None], labels) for picture in pictures])
     target = one_by_one.run(config).gflops
-    ladder = knob_ladder(loaded, ToMeConfig)
+    ladder = ToMeConfig.knob(loaded.depth, loaded.image_tokens)
     # ToMe's GFLOPs do not depend on the image: the first picture alone finds its r.
     found = least_merging_within(Workload(loaded, one_by_one.batches[:1]), ladder, target)
     return ladder.config(found[0] if found is not None else ladder.top)

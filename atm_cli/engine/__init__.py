@@ -7,9 +7,9 @@ registry import without torch; the names that need it load on first use.
 """
 from importlib import import_module
 
-from .methods import (METHODS, ATMConfig, EViTConfig, MCTFConfig, MethodConfig, PiToMeConfig, ToMeConfig,
-                      ZeroTPruneConfig, method_class,
-                      method_config, resolve_split_layer, threshold_schedule, tome_schedule)
+from .methods import (CONSTANT_KNOB, METHODS, ATMConfig, EViTConfig, Knob, MCTFConfig, MethodConfig, PiToMeConfig,
+                      ToMeConfig, ZeroTPruneConfig, constant_knob, method_class, method_config, ramp_knob,
+                      resolve_split_layer, threshold_schedule, tome_schedule)
 
 _LAZY = {"Trace": ".patching", "last_trace": ".patching", "patch": ".patching", "unpatch": ".patching", "merging": ".patching",
          "best_match_scores": ".merge", "backbone_of": ".backbones", "Wrapper": ".backbones"}
@@ -22,5 +22,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["METHODS", "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "ZeroTPruneConfig", "PiToMeConfig",
-           "MethodConfig", "method_class",
+           "MethodConfig", "Knob", "constant_knob", "ramp_knob", "CONSTANT_KNOB", "method_class",
            "method_config", "threshold_schedule", "tome_schedule", "resolve_split_layer", *_LAZY]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .atm import ATMConfig, resolve_split_layer, threshold_schedule
+from .atm import CONSTANT_KNOB, ATMConfig, constant_knob, resolve_split_layer, threshold_schedule
 from .base import BlockInput, Deferred, Knob, MethodConfig, Padded, Param, Plan, Reduction
 from .evit import EViTConfig
 from .mctf import MCTFConfig
 from .pitome import PiToMeConfig
-from .tome import ToMeConfig, tome_schedule
+from .tome import ToMeConfig, ramp_knob, tome_schedule
 from .zero_tprune import ZeroTPruneConfig
 
 _ALL: tuple[type[MethodConfig], ...] = (ATMConfig, ToMeConfig, EViTConfig, MCTFConfig, ZeroTPruneConfig, PiToMeConfig)
@@ -31,6 +31,6 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
     return method_class(name).from_params(params)
 
 
-__all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "Param", "Plan", "BlockInput", "Reduction", "Deferred", "Padded",
+__all__ = ["METHODS", "method_class", "method_config", "MethodConfig", "Knob", "constant_knob", "ramp_knob", "CONSTANT_KNOB", "Param", "Plan", "BlockInput", "Reduction", "Deferred", "Padded",
            "ATMConfig", "ToMeConfig", "EViTConfig", "MCTFConfig", "ZeroTPruneConfig", "PiToMeConfig",
            "threshold_schedule", "tome_schedule", "resolve_split_layer"]

@@ -5,13 +5,16 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import BlockInput, Deferred, MethodConfig, Padded, Param, Plan, Reduction
+from .base import BlockInput, Deferred, Knob, MethodConfig, Padded, Param, Plan, Reduction
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..backbones.parts import Backbone
 
 # A cosine similarity lies in [-1, 1]: a threshold outside it is a mistake, not "merge nothing/everything".
 THRESHOLD = dict(low=-1.0, high=1.0)
+CONSTANT_KNOB = "threshold"  # the constant threshold's knob, by name
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,14 @@ class ATMConfig(MethodConfig):
             return Padded(merged, unchanged, torch.stack([r, n_real - r]), block.token_bucket)
 
         return Plan(step, thresholds=thresholds)
+
+
+def constant_knob(thresholds: "Sequence[float]", split_layer: int | None = None) -> Knob:
+    """The paper's Fig. 5 constant threshold: ATM with beta = 0, step s at `thresholds[s]` (from the least
+    merging down)."""
+    return Knob(CONSTANT_KNOB, "constant threshold in every block (ATM with beta = 0)", "threshold",
+                len(thresholds) - 1, lambda step: ATMConfig.constant(thresholds[step], split_layer=split_layer),
+                shown=lambda step: {"threshold": thresholds[step]})
 
 
 def threshold_schedule(config: ATMConfig, depth: int) -> list[float]:

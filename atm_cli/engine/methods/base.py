@@ -96,12 +96,21 @@ class Param:
 
 @dataclass(frozen=True)
 class Knob:
-    """A method's one-parameter family, which the stress test and the comparison climb: step 0 reduces
-    nothing, each step up reduces more (by design; accuracy need not fall monotonically), `top` the most."""
+    """A one-parameter family of settings, which the stress test and the comparison climb: step 0 reduces
+    nothing, each step up reduces more (by design; accuracy need not fall monotonically), `top` the most.
+    A method's own knob (`MethodConfig.knob`) bears the method's name; the paper's Fig. 5 schedules are
+    knobs of their own (`tome.ramp_knob`, `atm.constant_knob`)."""
 
+    name: str  # the family's name in reports: a method's NAME, or e.g. "tome-increasing"
+    description: str
     param: str  # the parameter it moves, e.g. "r" or "keep_rate"
     top: int
     config: Callable[[int], "MethodConfig"]
+    shown: Callable[[int], dict] | None = None  # a step as reports show it (None: the parameter's value)
+
+    def params(self, step: int) -> dict:
+        """Step `step` as reports show it, e.g. {"r": 13}."""
+        return self.shown(step) if self.shown is not None else {self.param: getattr(self.config(step), self.param)}
 
 
 class MethodConfig:
@@ -147,6 +156,11 @@ class MethodConfig:
     def knob(cls, depth: int, image_tokens: int) -> Knob | None:
         """The method's natural knob for a model of `depth` blocks and `image_tokens` patches (None: none)."""
         return None
+
+    @classmethod
+    def own_knob(cls, param: str, top: int, config: Callable[[int], "MethodConfig"]) -> Knob:
+        """A knob of this method moving `param`, named and described as the method is."""
+        return Knob(cls.NAME, cls.SUMMARY, param, top, config)
 
     def plan(self, model: "Backbone") -> "Plan":
         raise NotImplementedError

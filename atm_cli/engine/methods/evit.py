@@ -37,7 +37,7 @@ class EViTConfig(MethodConfig):
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
         steps = round(1.0 / KEEP_RATE_STEP) - 1
-        return Knob("keep_rate", steps, lambda step: cls(keep_rate=round(1.0 - KEEP_RATE_STEP * step, 4)))
+        return cls.own_knob("keep_rate", steps, lambda step: cls(keep_rate=round(1.0 - KEEP_RATE_STEP * step, 4)))
 
     def plan(self, model: "nn.Module") -> Plan:
         if not model.has_class_token:

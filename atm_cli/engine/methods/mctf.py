@@ -48,7 +48,7 @@ class MCTFConfig(MethodConfig):
 
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
-        return Knob("r", image_tokens // 2, lambda r: cls(r=r))
+        return cls.own_knob("r", image_tokens // 2, lambda r: cls(r=r))
 
     def plan(self, model: "nn.Module") -> Plan:
         import torch

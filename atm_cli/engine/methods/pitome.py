@@ -50,7 +50,7 @@ class PiToMeConfig(MethodConfig):
 
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
-        return Knob("ratio", RATIO_STEPS, lambda step: cls(ratio=1.0 - step / (2 * RATIO_STEPS)))
+        return cls.own_knob("ratio", RATIO_STEPS, lambda step: cls(ratio=1.0 - step / (2 * RATIO_STEPS)))
 
     def plan(self, model: "nn.Module") -> Plan:
         from ..merge import merge_closure, weighted_reduction

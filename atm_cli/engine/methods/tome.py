@@ -29,7 +29,7 @@ class ToMeConfig(MethodConfig):
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
         # r above half the image tokens merges no more in any block: ToMe caps r there.
-        return Knob("r", image_tokens // 2, lambda r: cls(r=r))
+        return cls.own_knob("r", image_tokens // 2, lambda r: cls(r=r))
 
     def plan(self, model: "nn.Module") -> Plan:
         from ..merge import alternate_slices, bipartite_match, merge_closure, weighted_reduction
@@ -47,6 +47,19 @@ class ToMeConfig(MethodConfig):
                                       matching.similarity_macs(n_tokens, head_dim))
 
         return Plan(step)
+
+
+def ramp_knob(depth: int, image_tokens: int, rising: bool) -> Knob:
+    """The paper's Fig. 5 top-r schedules: r rising (or falling) by one per block, `step` in the block that
+    merges most; ToMe's matching (alternate split)."""
+    def schedule(peak: int) -> list[int]:
+        ramp = [max(0, peak - (depth - 1) + block) for block in range(depth)]  # never below 0
+        return ramp if rising else ramp[::-1]
+
+    name, moves = ("tome-increasing", "rising") if rising else ("tome-decreasing", "falling")
+    # Past half the image tokens in its last block, a higher peak merges no more in any block.
+    return Knob(name, f"top-r {moves} by one per block (alternate matching)", "r", image_tokens // 2 + depth - 1,
+                lambda peak: ToMeConfig(r=schedule(peak)), shown=lambda peak: {"r": peak, "schedule": schedule(peak)})
 
 
 def tome_schedule(config: ToMeConfig, depth: int) -> list[int]:

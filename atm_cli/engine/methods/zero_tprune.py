@@ -43,7 +43,7 @@ class ZeroTPruneConfig(MethodConfig):
     @classmethod
     def knob(cls, depth: int, image_tokens: int) -> Knob:
         # Each block prunes at most half of its image tokens (the S-stage's source half), as ToMe caps r.
-        return Knob("r", image_tokens // 2, lambda r: cls(r=r))
+        return cls.own_knob("r", image_tokens // 2, lambda r: cls(r=r))
 
     def plan(self, model: "nn.Module") -> Plan:
         from ..merge import keep_tokens
