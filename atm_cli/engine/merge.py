@@ -8,7 +8,7 @@ merges any additive per-token quantity (x * size, size, source maps) the same wa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -233,7 +233,7 @@ def weighted_reduction(merge_sum: Callable[[Tensor], Tensor], x: Tensor, size: T
     return Reduction(merged_x, merged_size, merge_sum, extra_macs)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlotMerge:
     """A merge given by the slot (B, N) each token sums into, among `kept` merged tokens: any additive map merges
     in one index_add, along whichever dimension holds its tokens (dim 1 for (B, N, C); an attention map's
@@ -243,13 +243,13 @@ class SlotMerge:
     slots: Tensor
     kept: int
     drops: bool = False
+    # One index_add_ with a flat index over the batch's tokens (the batch folded in beside the token
+    # dimension): on the CPU 3-6x faster than scatter_add_ with the slots expanded over the other dimensions.
+    _flat: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # One index_add_ with a flat index over the batch's tokens (the batch folded in beside the token
-        # dimension): on the CPU 3-6x faster than scatter_add_ with the slots expanded over the other dimensions.
-        batch = self.slots.shape[0]
-        offsets = torch.arange(batch, device=self.slots.device)[:, None] * (self.kept + self.drops)
-        object.__setattr__(self, "_flat", (self.slots + offsets).reshape(-1))
+        offsets = torch.arange(self.slots.shape[0], device=self.slots.device)[:, None] * (self.kept + self.drops)
+        self._flat = (self.slots + offsets).reshape(-1)
 
     def __call__(self, t: Tensor, dim: int = 1) -> Tensor:
         dim = dim % t.dim()

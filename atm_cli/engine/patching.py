@@ -249,16 +249,13 @@ def _finish(state: _State, running: _Pass) -> None:
     if state.token_bucket > 1:
         _finish_padded(state, running)
         return
-    tokens = running.tokens
-    state.trace = Trace(
-        tokens=tokens,
-        merged=[a - b for a, b in zip(tokens, tokens[1:])],
-        steps=running.steps,
-        geometry=state.geometry,
-        thresholds=state.plan.thresholds,
-        size=running.size,
-        source=running.source,
-    )
+    state.trace = _trace(state, running.tokens, running.steps, running.size, running.source)
+
+
+def _trace(state: _State, tokens: list[int], steps: list[BlockStep], size: Tensor | None,
+           source: Tensor | None) -> Trace:
+    return Trace(tokens=tokens, merged=[a - b for a, b in zip(tokens, tokens[1:])], steps=steps,
+                 geometry=state.geometry, thresholds=state.plan.thresholds, size=size, source=source)
 
 
 @torch.compiler.disable
@@ -274,15 +271,8 @@ def _finish_padded(state: _State, running: _Pass) -> None:
     steps = [BlockStep(*values[i:i + 3]) for i in range(0, len(values), 3)]
     tokens = [steps[0].tokens_in] + [step.tokens_after_merge for step in steps]
     real = tokens[-1]
-    state.trace = Trace(
-        tokens=tokens,
-        merged=[a - b for a, b in zip(tokens, tokens[1:])],
-        steps=steps,
-        geometry=state.geometry,
-        thresholds=state.plan.thresholds,
-        size=None if running.size is None else running.size[:, :real],
-        source=None if running.source is None else running.source[:, :real],
-    )
+    state.trace = _trace(state, tokens, steps, None if running.size is None else running.size[:, :real],
+                         None if running.source is None else running.source[:, :real])
 
 
 def reduce_in_float32(plan: Plan, block: BlockInput) -> Reduction | None:
